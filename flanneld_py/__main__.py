@@ -1,0 +1,5 @@
+import sys
+
+from flanneld_py.cli import entry
+
+sys.exit(entry())
