@@ -29,6 +29,7 @@ from flanneld_py.allocator import choose_subnet
 from flanneld_py.config import ConfigError, NetworkConfig, parse_config
 from flanneld_py.lease import (
     Lease,
+    LeaseAdded,
     LeaseEvent,
     LeaseFormatError,
     decode_lease_value,
@@ -315,7 +316,10 @@ class SubnetManager:
         self._published = view
         if events:
             for ev in events:
-                log.info("peer %s", ev)
+                if isinstance(ev, LeaseAdded):
+                    log.info("peer added: %s via %s", ev.lease.subnet, ev.lease.public_ip)
+                else:
+                    log.info("peer removed: %s", ev.subnet)
             self._on_peers(events)
 
     def _note_own(self, key: str, lease: Lease | None) -> None:
