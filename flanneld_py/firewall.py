@@ -157,11 +157,19 @@ class Firewall:
             fixed: list[str] = []
             for ch in self._wanted():
                 rc, out, _ = await self._ipt(ch.table, "-S", ch.name, check=False)
+                created = False
                 if rc != 0:
-                    await self._ipt(ch.table, "-N", ch.name)
-                    await self._fill(ch)
-                    fixed.append(f"{ch.table} chain {ch.name} was missing: recreated")
-                elif self._chain_rules(out, ch.name) != [list(r) for r in ch.rules]:
+                    # missing, or a transient nf_tables failure: -N tells which
+                    rc, _, err = await self._ipt(ch.table, "-N", ch.name, check=False)
+                    if rc == 0:
+                        await self._fill(ch)
+                        fixed.append(f"{ch.table} chain {ch.name} was missing: recreated")
+                        created = True
+                    elif "exists" in err:
+                        out = (await self._ipt(ch.table, "-S", ch.name))[1]
+                    else:
+                        raise self._error(ch.table, ("-N", ch.name), err, rc)
+                if not created and self._chain_rules(out, ch.name) != [list(r) for r in ch.rules]:
                     await self._ipt(ch.table, "-F", ch.name)
                     await self._fill(ch)
                     fixed.append(f"{ch.table} chain {ch.name} had missing/altered rules: rewritten")
