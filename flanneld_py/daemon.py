@@ -24,7 +24,7 @@ from typing import Any
 from flanneld_py import __version__, files, netlink, systemd
 from flanneld_py.config import NetworkConfig
 from flanneld_py.engine import Engine, EngineError, make_engine
-from flanneld_py.firewall import Firewall, FirewallError
+from flanneld_py.firewall import Firewall, FirewallError, FirewallUnavailable
 from flanneld_py.healthz import HealthServer
 from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent
 from flanneld_py.netlink import ExternalInterface, NetlinkError
@@ -220,13 +220,22 @@ class Daemon:
             tasks.append(self._watchdog(interval))
         return tasks
 
-    async def _firewall_setup(self) -> None:
+    async def _firewall_setup(self, attempts: int = 3) -> None:
+        """Install the rules before READY (docker needs the FORWARD accepts); a failure that
+        persists is left to the resync loop rather than stopping the overlay."""
         assert self.fw is not None
-        try:
-            await self.fw.setup()
-        except FirewallError as e:
-            # not fatal: the resync loop keeps trying to put the rules in place
-            log.error("%s; retrying every %ds", e, self.opts.iptables_resync)
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.fw.setup()
+                return
+            except FirewallUnavailable:
+                raise
+            except FirewallError as e:
+                if attempt == attempts:
+                    log.error("%s; retrying every %ds", e, self.opts.iptables_resync)
+                else:
+                    log.warning("%s; retrying", e)
+                    await asyncio.sleep(attempt)
 
     async def _acquire(self, cfg: NetworkConfig, previous: IPv4Network | None) -> Lease:
         assert self.mgr is not None

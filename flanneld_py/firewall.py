@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
@@ -53,6 +54,10 @@ LOCK_WAIT = "10"
 
 class FirewallError(Exception):
     """iptables is missing or failed; ``str(e)`` is one line."""
+
+
+class FirewallUnavailable(FirewallError):
+    """iptables cannot be run at all (missing binary, no permission): retrying will not help."""
 
 
 @dataclass(frozen=True)
@@ -254,31 +259,33 @@ class Firewall:
         return FirewallError(f"`{cmd}` failed: {why}")
 
     async def _run(self, *args: str, check: bool = True) -> tuple[int, str, str]:
+        # subprocess.run in a worker thread, not the event loop's subprocess support: children
+        # spawned by uvloop's spawn path were seen to crash (SIGSEGV) or fail silently here
         argv = [*self.iptables, "-w", LOCK_WAIT, *args]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            proc = await asyncio.to_thread(
+                subprocess.run,
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=self.timeout,
+                check=False,
             )
         except FileNotFoundError:
-            raise FirewallError(
+            raise FirewallUnavailable(
                 f"`{self.iptables[0]}` not found: install iptables (apt-get install iptables)"
             ) from None
         except PermissionError:
-            raise FirewallError(f"cannot run `{self.iptables[0]}`: permission denied") from None
-        try:
-            out_b, err_b = await asyncio.wait_for(proc.communicate(), self.timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            raise FirewallUnavailable(
+                f"cannot run `{self.iptables[0]}`: permission denied"
+            ) from None
+        except subprocess.TimeoutExpired:
             raise FirewallError(
                 f"`{shlex.join(argv)}` did not finish in {self.timeout:.0f}s "
                 "(xtables lock held by another program?)"
             ) from None
-        rc = proc.returncode if proc.returncode is not None else -1
-        out, err = out_b.decode(errors="replace"), err_b.decode(errors="replace")
+        rc = proc.returncode
+        out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
         if check and rc != 0:
             raise FirewallError(f"`{shlex.join(argv)}` failed: {err.strip() or rc}")
         return rc, out, err

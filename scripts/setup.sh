@@ -12,15 +12,14 @@ VENV=${VENV:-.venv}
 
 need_pkgs=()
 if [ "$APT" = 1 ]; then
-    for cmd_pkg in etcd:etcd-server etcdctl:etcd-client ip:iproute2 iptables:iptables \
-                   iperf3:iperf3 tcpdump:tcpdump busybox:busybox-static dockerd:docker.io \
-                   ethtool:ethtool conntrack:conntrack gcc:gcc make:make; do
-        cmd=${cmd_pkg%%:*}; pkg=${cmd_pkg##*:}
-        command -v "$cmd" >/dev/null 2>&1 || need_pkgs+=("$pkg")
+    for pkg in etcd-server etcd-client iproute2 iptables iperf3 tcpdump busybox-static \
+               docker.io ethtool conntrack gcc make openssl; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_pkgs+=("$pkg")
     done
     # the Python headers for the C engine
     "$PY" -c 'import sysconfig,os,sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"],"Python.h")) else 1)' \
         || need_pkgs+=(python3-dev)
+    "$PY" -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)
     if [ ${#need_pkgs[@]} -gt 0 ]; then
         if [ "$(id -u)" != 0 ]; then
             echo "setup: need root to apt-get install: ${need_pkgs[*]}" >&2
