@@ -214,7 +214,12 @@ class Daemon:
         async def wait_watch() -> None:
             await watch
 
-        tasks = [wait_watch(), mgr.maintain(self._on_lease_change), self._resync()]
+        tasks = [
+            wait_watch(),
+            mgr.maintain(self._on_lease_change),
+            self._resync(),
+            self._monitor_engine(),
+        ]
         interval = systemd.watchdog_interval()
         if interval:
             tasks.append(self._watchdog(interval))
@@ -315,6 +320,14 @@ class Daemon:
             for what in fixed:
                 log.warning("iptables rule was missing and has been restored: %s", what)
 
+    async def _monitor_engine(self, interval: float = 1.0) -> None:
+        """End the daemon (exit 1, so systemd restarts it) if the engine stopped on its own."""
+        while True:
+            await asyncio.sleep(interval)
+            engine = self.dp.engine if self.dp is not None else None
+            if engine is not None and not engine.alive():
+                raise EngineError(f"packet engine stopped: {engine.error()}")
+
     async def _watchdog(self, interval: float) -> None:
         while True:
             systemd.watchdog()
@@ -328,6 +341,8 @@ class Daemon:
             return False, "lease watch on etcd is not live"
         if self.dp is None or self.dp.engine is None:
             return False, "data plane not running"
+        if not self.dp.engine.alive():
+            return False, f"data plane stopped: {self.dp.engine.error()}"
         return True, "ok"
 
     def status(self) -> dict[str, Any]:

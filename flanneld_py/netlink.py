@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -231,6 +232,11 @@ def configure_tun(name: str, address: IPv4Address, network: IPv4Network, mtu: in
                 ipr.addr("add", index=idx, address=str(address), prefixlen=32)
         with _step(f"cannot bring {name} up"):
             ipr.link("set", index=idx, state="up")
+        with _step(f"cannot set accept_local on {name}"):
+            # the engine's ICMP errors (unreachable, time exceeded) come from the TUN's own
+            # address; without accept_local the kernel drops them as martians. Safe: the engine
+            # never accepts a peer packet whose source is inside our own subnet.
+            Path(f"/proc/sys/net/ipv4/conf/{name}/accept_local").write_text("1\n")
         with _step(f"cannot add route {network} dev {name}"):
             ipr.route(
                 "replace",

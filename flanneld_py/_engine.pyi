@@ -1,0 +1,43 @@
+"""Typing stub of the C data-plane engine (``_engine.c``). Import it only through ``engine.py``.
+
+Addresses and networks are host-order ints (``int(IPv4Address(...))``).
+"""
+
+from typing import Final
+
+#: Packets per batch (per direction).
+BATCH: Final[int]
+#: Bytes per packet buffer (any IPv4 datagram fits).
+BUFFER_SIZE: Final[int]
+#: Counter names, the keys of ``Engine.stats()`` (same as ``pyengine.COUNTERS``).
+COUNTERS: Final[tuple[str, ...]]
+
+class Engine:
+    """The loop in a native thread; it owns its route table (commands over a socketpair)."""
+
+    def __init__(
+        self,
+        tun_fd: int,
+        udp_fd: int,
+        local_net: int,
+        local_prefixlen: int,
+        local_addr: int,
+        port: int,
+        mtu: int,
+    ) -> None: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def set_route(self, net: int, prefixlen: int, peer: int, /) -> None: ...
+    def del_route(self, net: int, prefixlen: int, /) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+    def alive(self) -> bool: ...
+    def error(self) -> str | None: ...
+
+class RouteTable:
+    """The engine's longest-prefix-match table, on its own (for tests against ``routes.py``)."""
+
+    def __init__(self) -> None: ...
+    def insert(self, net: int, prefixlen: int, peer: int, /) -> None: ...
+    def remove(self, net: int, prefixlen: int, /) -> bool: ...
+    def lookup(self, addr: int, /) -> tuple[int, int, int] | None: ...
+    def __len__(self) -> int: ...
