@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab.netns import LabError, Netns, wait_for
+from lab.netns import LabError, Netns, ping_argv, wait_for
 
 __all__ = [
     "IPERF_PORT",
@@ -240,19 +240,11 @@ def _iperf_figures(data: dict[str, Any], test: str) -> dict[str, Any]:
 _TIME_RE = re.compile(r"time[=<]([0-9.]+) ?ms")
 
 
-def _ping_argv() -> list[str]:
-    if shutil.which("ping"):
-        return ["ping"]
-    if shutil.which("busybox"):
-        return ["busybox", "ping"]
-    raise LabError("no ping: apt-get install iputils-ping or busybox-static")
-
-
 def ping_series(client: Netns, target: str, count: int, interval: float) -> dict[str, Any]:
     """``count`` pings ``client`` -> ``target``; returns every RTT (ms) and the loss."""
     rec: dict[str, Any] = {"ok": False, "error": None}
     try:
-        argv = [*_ping_argv(), "-c", str(count), "-i", f"{interval:g}", "-W", "2", target]
+        argv = ping_argv("-c", count, "-i", f"{interval:g}", "-W", 2, target)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc = client.run(argv, check=False, timeout=count * interval + 15)
             rtts = [float(m.group(1)) for m in _TIME_RE.finditer(proc.stdout)]

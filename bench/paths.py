@@ -8,17 +8,14 @@ containers on docker0-like bridges) with one way of getting container A's packet
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Network
 from pathlib import Path
-from subprocess import Popen
 from typing import Any
 
-from lab.etcd import EtcdLabError, EtcdServer
+from lab.flanneld import DEFAULT_CONFIG, FlannelCluster, Flanneld, FlanneldNotReady
 from lab.netns import Lab, LabError, Netns, Topology
 
 __all__ = [
@@ -29,8 +26,6 @@ __all__ = [
     "BenchPath",
     "build",
 ]
-
-REPO = Path(__file__).resolve().parent.parent
 
 PATHS = ("underlay", "host-gw", "vxlan", "flanneld-c", "flanneld-python")
 REFERENCE = "vxlan"
@@ -56,8 +51,6 @@ OFFLOAD_FEATURES = (
     "rx-udp-gro-forwarding",
 )
 
-FLANNEL_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'
-ETCD_PREFIX = "/coreos.com/network"
 #: fixed container subnets of the kernel paths (the flanneld paths use their leases)
 KERNEL_SUBNETS = ("10.5.1.0/24", "10.5.2.0/24")
 VXLAN_ID = 1
@@ -75,37 +68,31 @@ class BenchPath:
     client: Netns | None = None
     server: Netns | None = None
     target: str = ""
-    #: flanneld-py processes, "A" (sender host) and "B" (receiver host)
-    daemons: dict[str, Popen[bytes]] = field(default_factory=dict)
+    #: flanneld-py daemons, "A" (sender host) and "B" (receiver host)
+    daemons: dict[str, Flanneld] = field(default_factory=dict)
     #: everything worth recording about the setup (addresses, MTUs, offload state, ...)
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    log_files: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def log_files(self) -> dict[str, str]:
+        return {k: str(d.log_path) for k, d in self.daemons.items()}
+
     def daemon_pids(self) -> dict[str, int]:
-        return {k: p.pid for k, p in self.daemons.items() if p.poll() is None}
+        return {k: d.pid for k, d in self.daemons.items() if d.pid is not None}
 
     def dead_daemon(self) -> str | None:
         """A one-line reason if a flanneld-py process of this path has exited."""
-        for host, proc in self.daemons.items():
-            if proc.poll() is not None:
-                log = self.log_files.get(host, "")
-                return f"flanneld-py on host {host} exited (rc={proc.returncode}): " + _tail(
-                    Path(log), 8
+        for host, d in self.daemons.items():
+            if d.returncode is not None:
+                return f"flanneld-py on host {host} exited (rc={d.returncode}): " + d.log_tail(
+                    8
                 ).replace("\n", " | ")
         return None
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,19 +201,6 @@ def _vxlan(lab: Lab, bp: BenchPath, mtu: int, offloads: str) -> None:
     bp.client, bp.server, bp.target = c1, c2, str(c2.address)
 
 
-def _read_subnet_env(path: Path) -> dict[str, str] | None:
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    env = {}
-    for line in text.splitlines():
-        if "=" in line:
-            k, v = line.split("=", 1)
-            env[k.strip()] = v.strip().strip('"')
-    return env if "FLANNEL_SUBNET" in env else None
-
-
 def _flanneld(
     lab: Lab,
     bp: BenchPath,
@@ -237,67 +211,36 @@ def _flanneld(
     start_timeout: float,
 ) -> None:
     topo = _topology(lab, mtu, offloads, bp.info)
-    h1, h2 = topo.hosts
-    if shutil.which("etcd") is None:
-        raise LabError("etcd not found: apt-get install etcd-server etcd-client (or make setup)")
-    etcd = EtcdServer(lab.tmpdir / "etcd", ip=str(topo.etcd_address), netns=topo.underlay.name)
+    cl: FlannelCluster | None = None
     etcd_log = logs / f"{bp.name}-etcd.log"
 
-    def close_etcd() -> None:
-        etcd.close()
-        with contextlib.suppress(OSError):
-            shutil.copyfile(etcd.log_path, etcd_log)
+    def keep_etcd_log() -> None:  # runs after the cluster's etcd was closed (registered before)
+        if cl is not None:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(cl.etcd.log_path, etcd_log)
 
-    lab.defer("etcd", close_etcd)
+    lab.defer("etcd log", keep_etcd_log)
+    cl = FlannelCluster(
+        lab,
+        topology=topo,
+        config=DEFAULT_CONFIG,
+        engines=[engine, engine],
+        healthz=False,  # ready = subnet file written; nothing polls the daemons while measuring
+        docker_opts=False,
+        log_paths=[logs / f"{bp.name}-host{tag}-flanneld.log" for tag in ("A", "B")],
+    )
+    cl.start_etcd()
+    bp.info["etcd"] = cl.etcd.endpoint
+    bp.info["flannel_config"] = DEFAULT_CONFIG
+    bp.daemons = dict(zip(("A", "B"), cl.hosts, strict=True))
+    bp.info["daemon_argv"] = cl.hosts[0].argv()
     try:
-        etcd.start()
-        etcd.etcdctl("put", f"{ETCD_PREFIX}/config", FLANNEL_CONFIG)
-    except EtcdLabError as exc:
-        raise LabError(f"etcd for {bp.name} failed: {exc}") from None
-    bp.info["etcd"] = etcd.endpoint
-    bp.info["flannel_config"] = FLANNEL_CONFIG
-    subnet_files: dict[str, Path] = {}
-    for tag, h in (("A", h1), ("B", h2)):
-        sfile = lab.tmpdir / f"subnet-{tag}.env"
-        argv = [
-            sys.executable, "-m", "flanneld_py",
-            "--etcd-endpoints", etcd.endpoint,
-            "--engine", engine,
-            "--subnet-file", str(sfile),
-            "--docker-opts-file", "",
-            "--iface", "eth0",
-            "--healthz-port", "0",
-        ]  # fmt: skip
-        log = logs / f"{bp.name}-host{tag}-flanneld.log"
-        # `-m flanneld_py` must find this checkout whatever the cwd
-        pypath = os.environ.get("PYTHONPATH")
-        env = {"PYTHONPATH": str(REPO) + (f":{pypath}" if pypath else "")}
-        bp.daemons[tag] = h.popen(argv, log_path=log, env=env, stop_timeout=5.0)
-        bp.log_files[tag] = str(log)
-        subnet_files[tag] = sfile
-        bp.info.setdefault("daemon_argv", argv)
-    envs: dict[str, dict[str, str]] = {}
-    deadline = time.monotonic() + start_timeout
-    while len(envs) < 2:
-        for tag, sfile in subnet_files.items():
-            proc = bp.daemons[tag]
-            if tag not in envs and (env_ := _read_subnet_env(sfile)) is not None:
-                envs[tag] = env_
-            elif tag not in envs and proc.poll() is not None:
-                raise LabError(
-                    f"flanneld-py failed to start: host {tag} exited (rc={proc.returncode}); "
-                    f"log {bp.log_files[tag]}:\n" + _tail(Path(bp.log_files[tag]))
-                )
-        if len(envs) < 2 and time.monotonic() > deadline:
-            missing = sorted(set(subnet_files) - set(envs))[0]
-            raise LabError(
-                f"flanneld-py failed to start: no FLANNEL_SUBNET in {subnet_files[missing]} "
-                f"after {start_timeout:.0f}s (host {missing}); log {bp.log_files[missing]}:\n"
-                + _tail(Path(bp.log_files[missing]))
-            )
-        time.sleep(0.1)
+        cl.start_daemons(start_timeout)
+    except FlanneldNotReady as exc:
+        raise LabError(f"flanneld-py failed to start: {exc}") from None
+    envs = {tag: d.subnet_env() for tag, d in bp.daemons.items()}
     bp.info["subnet_env"] = envs
-    nets = tuple(str(IPv4Interface(envs[t]["FLANNEL_SUBNET"]).network) for t in ("A", "B"))
+    nets = tuple(str(d.subnet) for d in cl.hosts)
     cmtu = int(envs["A"].get("FLANNEL_MTU") or mtu - UDP_OVERHEAD)
     c1, c2 = _containers(lab, topo, (nets[0], nets[1]), cmtu, bp.info)
     bp.client, bp.server, bp.target = c1, c2, str(c2.address)
@@ -335,7 +278,7 @@ def build(
             if bp.daemons:
                 dead = bp.dead_daemon()
                 tails = "\n".join(
-                    f"--- host {t} ({f}):\n{_tail(Path(f), 8)}" for t, f in bp.log_files.items()
+                    f"--- host {t} ({d.log_path}):\n{d.log_tail(8)}" for t, d in bp.daemons.items()
                 )
                 why = f"flanneld-py started but {why}" + (f"; {dead}" if dead else "")
                 why += "\n" + tails

@@ -150,6 +150,8 @@ class Daemon:
         self.fw: Firewall | None = None
         self.health: HealthServer | None = None
         self.started = time.monotonic()
+        #: True once the firewall is set up and the files are written (READY=1 was sent)
+        self.ready = False
 
     # ---------------------------------------------------------------- startup
 
@@ -208,6 +210,7 @@ class Daemon:
         except BaseException:
             watch.cancel()
             raise
+        self.ready = True
         systemd.ready(f"lease {lease.subnet}, {len(mgr.peers())} peers")
         log.info("ready: lease %s, %d peers", lease.subnet, len(mgr.peers()))
 
@@ -337,6 +340,8 @@ class Daemon:
         mgr = self.mgr
         if mgr is None or mgr.lease is None:
             return False, "no subnet lease held yet"
+        if not self.ready:
+            return False, "starting: firewall rules and files not written yet"
         if not mgr.watch_live:
             return False, "lease watch on etcd is not live"
         if self.dp is None or self.dp.engine is None:

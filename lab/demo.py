@@ -7,9 +7,9 @@ every host, starts a Docker engine per host with the options flanneld-py wrote (
 container per host, and shows that the containers talk to each other across hosts. Everything is
 torn down on exit, on Ctrl-C, and on failure. Exit status 0 only if the overlay worked.
 
-The building blocks are shared with ``tests/docker/test_e2e.py``: :class:`Flanneld` (one
-flanneld-py process in a host namespace), :func:`build_overlay` (the whole world) and the checks
-(:func:`ping`, :func:`transfer`, :func:`iperf`, :func:`underlay_peer_server`).
+The building blocks are shared with ``tests/docker/test_e2e.py``: :func:`build_overlay` (the
+whole world: a :class:`lab.flanneld.FlannelCluster` plus a Docker engine and containers per host)
+and the checks (:func:`ping`, :func:`transfer`, :func:`iperf`, :func:`underlay_peer_server`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
 
 from lab.docker import (
     PEER_PORT,
@@ -34,224 +33,23 @@ from lab.docker import (
     DockerLabError,
     RunningContainer,
     build_test_image,
-    docker_network_options,
     docker_unavailable_reason,
     image_tarball,
-    read_env_file,
 )
 from lab.etcd import EtcdServer
+from lab.flanneld import DEFAULT_NETWORK, ETCD_PREFIX, FlannelCluster, Flanneld, network_config
 from lab.netns import Lab, LabError, Netns, Topology, wait_for
 
 __all__ = [
-    "DEFAULT_NETWORK",
-    "ETCD_PREFIX",
-    "HEALTHZ_PORT",
-    "Flanneld",
-    "FlanneldNotReady",
     "Overlay",
     "OverlayHost",
     "build_overlay",
-    "http_get_in",
     "iperf",
     "main",
     "ping",
     "transfer",
     "underlay_peer_server",
 ]
-
-ROOT = Path(__file__).resolve().parent.parent
-ETCD_PREFIX = "/coreos.com/network"
-DEFAULT_NETWORK = "10.5.0.0/16"
-HEALTHZ_PORT = 8471
-
-# an HTTP GET run by the namespace's python (the root namespace cannot reach a host namespace's
-# loopback); no proxies: the environment may name one that the namespace cannot reach
-_HTTP_GET = """
-import sys, urllib.error, urllib.request
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-try:
-    with opener.open(sys.argv[1], timeout=float(sys.argv[2])) as r:
-        code, body = r.status, r.read()
-except urllib.error.HTTPError as e:
-    code, body = e.code, e.read()
-except Exception as e:
-    code, body = 0, str(e).encode()
-sys.stdout.write(f"{code}\\n")
-sys.stdout.flush()
-sys.stdout.buffer.write(body)
-"""
-
-
-def http_get_in(ns: Netns, url: str, timeout: float = 2.0) -> tuple[int, str]:
-    """GET ``url`` from inside ``ns``: (status, body); status 0 when nothing answered."""
-    proc = ns.run(
-        [sys.executable, "-c", _HTTP_GET, url, str(timeout)], check=False, timeout=timeout + 10
-    )
-    head, _, body = proc.stdout.partition("\n")
-    try:
-        return int(head), body
-    except ValueError:
-        return 0, (proc.stderr or proc.stdout).strip()
-
-
-# ---------------------------------------------------------------------------------------------
-# flanneld-py in a host namespace
-
-
-class FlanneldNotReady(DockerLabError):
-    """flanneld-py exited or did not become healthy; the message ends with its log tail."""
-
-
-class Flanneld:
-    """One flanneld-py process in host namespace ``ns`` (``python -m flanneld_py``).
-
-    Files go to ``workdir``: ``subnet.env``, ``docker`` (the ``/run/flannel/docker`` format) and
-    ``flanneld.log``. Ready = ``GET /healthz`` answers 200 and the docker options file exists.
-    The process is started with :meth:`Netns.popen`, so the lab stops it at close; :meth:`stop`
-    does it earlier (SIGTERM to the PID's group, then SIGKILL).
-    """
-
-    def __init__(
-        self,
-        lab: Lab,
-        ns: Netns,
-        etcd_endpoints: Sequence[str],
-        *,
-        workdir: str | os.PathLike[str] | None = None,
-        iface: str = "eth0",
-        ip_masq: bool = True,
-        healthz_port: int = HEALTHZ_PORT,
-        etcd_prefix: str = ETCD_PREFIX,
-        extra_args: Sequence[str] = (),
-        ready_timeout: float = 30.0,
-        python: str = sys.executable,
-    ) -> None:
-        self.lab = lab
-        self.ns = ns
-        self.etcd_endpoints = list(etcd_endpoints)
-        short = ns.name[len(lab.prefix) + 1 :] if ns.name.startswith(lab.prefix + "-") else ns.name
-        self.workdir = Path(workdir) if workdir is not None else lab.tmpdir / f"flannel-{short}"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.subnet_file = self.workdir / "subnet.env"
-        self.docker_opts_file = self.workdir / "docker"
-        self.log_path = self.workdir / "flanneld.log"
-        self.iface = iface
-        self.ip_masq = ip_masq
-        self.healthz_port = healthz_port
-        self.etcd_prefix = etcd_prefix
-        self.extra_args = list(extra_args)
-        self.ready_timeout = ready_timeout
-        self.python = python
-        self.proc: Any = None  # subprocess.Popen[bytes] once started
-        self.starts = 0
-
-    def argv(self) -> list[str]:
-        argv = [
-            self.python, "-m", "flanneld_py",
-            "--etcd-endpoints", ",".join(self.etcd_endpoints),
-            "--etcd-prefix", self.etcd_prefix,
-            "--iface", self.iface,
-            "--subnet-file", str(self.subnet_file),
-            "--docker-opts-file", str(self.docker_opts_file),
-            "--healthz-ip", "127.0.0.1",
-            "--healthz-port", str(self.healthz_port),
-        ]  # fmt: skip
-        if self.ip_masq:
-            argv.append("--ip-masq")
-        return argv + self.extra_args
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
-
-    @property
-    def running(self) -> bool:
-        return self.pid is not None
-
-    def start(self, wait: bool = True) -> Flanneld:
-        if self.running:
-            return self
-        self.starts += 1
-        with open(self.log_path, "ab") as log:
-            log.write(f"==== {time.strftime('%H:%M:%S')} start #{self.starts}\n".encode())
-        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        self.proc = self.ns.popen(self.argv(), self.log_path, env={"PYTHONPATH": pythonpath})
-        if wait:
-            self.wait_ready()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (then SIGKILL after ``timeout``); returns the exit status."""
-        if self.proc is None:
-            return None
-        rc: int | None = self.lab.stop(self.proc, timeout)
-        return rc
-
-    def restart(self, wait: bool = True) -> Flanneld:
-        self.stop()
-        return self.start(wait=wait)
-
-    def healthz(self) -> tuple[int, str]:
-        return http_get_in(self.ns, f"http://127.0.0.1:{self.healthz_port}/healthz")
-
-    def status(self) -> dict[str, Any]:
-        code, body = http_get_in(self.ns, f"http://127.0.0.1:{self.healthz_port}/status")
-        if code != 200:
-            raise DockerLabError(f"flanneld-py on {self.ns.name}: GET /status -> {code} {body}")
-        data: dict[str, Any] = json.loads(body)
-        return data
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Until /healthz says 200 and the docker options file exists; raise
-        :class:`FlanneldNotReady` with the log tail if the process exits or time runs out."""
-        limit = self.ready_timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        last = "no answer yet"
-        while True:
-            if self.proc is None or self.proc.poll() is not None:
-                rc = None if self.proc is None else self.proc.returncode
-                raise FlanneldNotReady(
-                    f"flanneld-py on {self.ns.name} exited with status {rc} before it was ready\n"
-                    f"  command: {' '.join(self.argv())}\n"
-                    f"  log {self.log_path}, last lines:\n{self.log_tail()}"
-                )
-            code, body = self.healthz()
-            if code == 200 and self.docker_opts_file.exists():
-                return
-            if code == 200:
-                last = f"/healthz ok but {self.docker_opts_file} not written"
-            elif code:
-                last = f"/healthz -> {code} {body.strip()[:200]}"
-            if time.monotonic() > deadline:
-                raise FlanneldNotReady(
-                    f"flanneld-py on {self.ns.name} not ready after {limit:.0f}s ({last})\n"
-                    f"  command: {' '.join(self.argv())}\n"
-                    f"  log {self.log_path}, last lines:\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
-
-    def subnet_env(self) -> dict[str, str]:
-        return read_env_file(self.subnet_file)
-
-    @property
-    def lease(self) -> IPv4Network:
-        """Our subnet (from FLANNEL_SUBNET, which holds the lease's first address)."""
-        return IPv4Interface(self.subnet_env()["FLANNEL_SUBNET"]).network
-
-    @property
-    def mtu(self) -> int:
-        return int(self.subnet_env()["FLANNEL_MTU"])
-
-    def docker_options(self) -> list[str]:
-        return docker_network_options(self.docker_opts_file)
-
-    def log_tail(self, lines: int = 30, width: int = 300) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "    (no log)"
-        return "\n".join("    " + line[:width] for line in text.splitlines()[-lines:])
-
 
 # ---------------------------------------------------------------------------------------------
 # the whole world
@@ -271,38 +69,34 @@ class OverlayHost:
 
     @property
     def address(self) -> IPv4Address:
-        assert self.ns.address is not None
         return self.ns.address
 
 
 @dataclass(eq=False)
 class Overlay:
-    lab: Lab
-    topo: Topology
-    etcd: EtcdServer
+    cluster: FlannelCluster
     network: IPv4Network
     hosts: list[OverlayHost]
     #: seconds per build step
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lab(self) -> Lab:
+        return self.cluster.lab
+
+    @property
+    def topo(self) -> Topology:
+        return self.cluster.topo
+
+    @property
+    def etcd(self) -> EtcdServer:
+        return self.cluster.etcd
 
     def containers(self) -> list[RunningContainer]:
         return [c for h in self.hosts for c in h.containers]
 
     def host_of(self, c: RunningContainer) -> OverlayHost:
         return next(h for h in self.hosts if c in h.containers)
-
-    def leases_in_etcd(self) -> dict[str, dict[str, Any]]:
-        """``{subnet: lease JSON}`` as stored under ``<prefix>/subnets/``."""
-        out = self.etcd.etcdctl("get", "--prefix", f"{ETCD_PREFIX}/subnets/")
-        lines = out.splitlines()
-        leases: dict[str, dict[str, Any]] = {}
-        for key, value in zip(lines[::2], lines[1::2], strict=False):
-            subnet = key.rsplit("/", 1)[-1].replace("-", "/")
-            try:
-                leases[subnet] = json.loads(value)
-            except ValueError:
-                leases[subnet] = {"raw": value}
-        return leases
 
 
 def build_overlay(
@@ -319,8 +113,8 @@ def build_overlay(
     """Underlay + etcd + flanneld-py and dockerd on every host + containers (busybox httpd
     serving the peer CGI); ``tarball`` is the test image (default: built once per process).
 
-    Raises :class:`FlanneldNotReady` (with the daemon's log tail) when flanneld-py does not come
-    up, :class:`DockerLabError` when a Docker engine does not."""
+    Raises :class:`lab.flanneld.FlanneldNotReady` (with the daemon's log tail) when flanneld-py
+    does not come up, :class:`DockerLabError` when a Docker engine does not."""
     t = time.monotonic()
     timings: dict[str, float] = {}
 
@@ -330,34 +124,26 @@ def build_overlay(
         timings[name] = round(now - t, 3)
         t = now
 
-    topo = lab.flannel_topology(n_hosts=n_hosts)
+    config = network_config(network)
+    cl = FlannelCluster(lab, n_hosts, config=config, ip_masq=ip_masq, extra_args=flanneld_args)
+    topo = cl.topo
     say(f"underlay {topo.underlay_net}: bridge br0 ({topo.gateway}) in namespace "
         f"{topo.underlay.name}")  # fmt: skip
     for ns in topo.hosts:
         say(f"host {ns.name.rsplit('-', 1)[-1]}: namespace {ns.name}, eth0 {ns.address}")
     step("topology")
-    etcd = EtcdServer(lab.tmpdir / "etcd", ip=str(topo.etcd_address), netns=topo.underlay.name)
-    lab.defer("etcd", etcd.close)
-    etcd.start()
-    config = {"Network": network, "Backend": {"Type": "udp"}}
-    etcd.etcdctl("put", f"{ETCD_PREFIX}/config", json.dumps(config))
-    say(f"etcd at {etcd.endpoint}; {ETCD_PREFIX}/config = {json.dumps(config)}")
+    cl.start_etcd()
+    say(f"etcd at {cl.etcd.endpoint}; {ETCD_PREFIX}/config = {config}")
     step("etcd")
-    hosts = [
-        OverlayHost(
-            ns, Flanneld(lab, ns, [etcd.endpoint], ip_masq=ip_masq, extra_args=flanneld_args)
-        )
-        for ns in topo.hosts
-    ]
+    hosts = [OverlayHost(f.ns, f) for f in cl.hosts]
+    cl.start_daemons()
     for h in hosts:
-        h.flanneld.start(wait=False)
-    for h in hosts:
-        h.flanneld.wait_ready()
-        say(f"flanneld-py on {h.name}: lease {h.flanneld.lease}, MTU {h.flanneld.mtu}; "
+        say(f"flanneld-py on {h.name}: lease {h.flanneld.subnet}, MTU {h.flanneld.mtu}; "
             f"docker options: {' '.join(h.flanneld.docker_options())}")  # fmt: skip
     step("flanneld")
     tarball = tarball or image_tarball()
     for h in hosts:
+        assert h.flanneld.docker_opts_file is not None
         h.dockerd = Dockerd(lab, h.ns, options_file=h.flanneld.docker_opts_file).start()
         build_test_image(h.dockerd, tarball=tarball)
         say(f"dockerd on {h.name} ready in {h.dockerd.timings['total']:.2f}s; docker0 = "
@@ -371,7 +157,7 @@ def build_overlay(
             h.containers.append(c)
             say(f"container {c.name} on {h.name}: {c.ip}")
     step("containers")
-    return Overlay(lab, topo, etcd, IPv4Network(network), hosts, timings)
+    return Overlay(cl, IPv4Network(network), hosts, timings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,15 +276,17 @@ def _run_demo(
             ]
         )
     out.say(_table(rows, ["host", "underlay IP", "lease", "MTU", "peers"]))
-    out.say("etcd " + ETCD_PREFIX + "/subnets/: " + ", ".join(sorted(ov.leases_in_etcd())))
+    out.say(
+        "etcd " + ETCD_PREFIX + "/subnets/: " + ", ".join(sorted(ov.cluster.leases_by_subnet()))
+    )
 
     out.head("containers: address inside the host's lease, MTU from the lease")
     for h in ov.hosts:
         for c in h.containers:
             mtu = c.mtu()
             out.check(
-                c.ip in h.flanneld.lease and mtu == h.flanneld.mtu,
-                f"{c.name} on {h.name}: {c.ip} in {h.flanneld.lease}, eth0 MTU {mtu}",
+                c.ip in h.flanneld.subnet and mtu == h.flanneld.mtu,
+                f"{c.name} on {h.name}: {c.ip} in {h.flanneld.subnet}, eth0 MTU {mtu}",
             )
         fwd = h.ns.run(["iptables", "-S", "FORWARD"]).stdout.splitlines()
         out.say(f"{h.name}: {fwd[0] if fwd else '?'} (set by dockerd; flanneld-py's rules let "

@@ -55,6 +55,7 @@ __all__ = [
     "Netns",
     "Topology",
     "lab_namespaces",
+    "ping_argv",
     "reap_stale_labs",
     "wait_for",
 ]
@@ -97,12 +98,16 @@ def _run(
     return proc
 
 
-def _ping_argv() -> list[str]:
+def ping_argv(*args: object) -> list[str]:
+    """The ping command followed by ``args`` (as strings): iputils ``ping``, or busybox's when
+    it is missing (Debian often lacks iputils); :class:`LabError` if there is neither."""
     if shutil.which("ping"):
-        return ["ping"]
-    if shutil.which("busybox"):
-        return ["busybox", "ping"]
-    raise LabError("no ping: apt-get install iputils-ping or busybox-static")
+        cmd = ["ping"]
+    elif shutil.which("busybox"):
+        cmd = ["busybox", "ping"]
+    else:
+        raise LabError("no ping: apt-get install iputils-ping or busybox-static")
+    return cmd + [str(a) for a in args]
 
 
 def lab_namespaces(prefix: str = PREFIX_HEAD) -> list[str]:
@@ -210,7 +215,7 @@ class Netns:
 
         Debian's iputils ``ping`` is often not installed; busybox's is used when it is missing.
         """
-        argv = [*_ping_argv(), "-c", str(count), "-W", str(max(1, round(timeout))), str(dst)]
+        argv = ping_argv("-c", count, "-W", max(1, round(timeout)), dst)
         return self.run(argv, check=False, timeout=timeout * count + 10).returncode == 0
 
     def read_sysctl(self, key: str) -> str:

@@ -21,7 +21,13 @@ if str(ROOT) not in sys.path:  # `lab` lives beside the package
 
 REQUIRE_ALL = os.environ.get("FLANNELD_TEST_REQUIRE_ALL") == "1"
 
-_FOLDER_MARKERS = {"unit": "unit", "engine": "unit", "etcd": "etcd", "netns": "netns", "docker": "docker"}
+_FOLDER_MARKERS = {
+    "unit": "unit",
+    "engine": "unit",
+    "etcd": "etcd",
+    "netns": "netns",
+    "docker": "docker",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

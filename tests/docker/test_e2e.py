@@ -16,15 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.demo import (
-    FlanneldNotReady,
-    Overlay,
-    build_overlay,
-    ping,
-    transfer,
-    underlay_peer_server,
-)
+from lab.demo import Overlay, build_overlay, ping, transfer, underlay_peer_server
 from lab.docker import RunningContainer, leftovers
+from lab.flanneld import FlanneldNotReady
 from lab.netns import Lab, wait_for
 
 N_HOSTS = 3
@@ -71,25 +65,25 @@ def test_files_written_by_flanneld_feed_dockerd(overlay: Overlay) -> None:
         assert h.dockerd.bridge_addresses() == [str(bip)]
         leases.append(bip.network)
     assert len(set(leases)) == N_HOSTS, leases
-    stored = overlay.leases_in_etcd()
+    stored = overlay.cluster.leases_by_subnet()
     assert sorted(stored) == sorted(str(n) for n in leases)
     for h in overlay.hosts:
-        assert stored[str(h.flanneld.lease)].get("PublicIP") == str(h.address)
+        assert stored[str(h.flanneld.subnet)].get("PublicIP") == str(h.address)
 
 
 def test_status_reports_lease_and_peers(overlay: Overlay) -> None:
     for h in overlay.hosts:
         st = h.flanneld.status()
-        assert st["lease"]["subnet"] == str(h.flanneld.lease)
+        assert st["lease"]["subnet"] == str(h.flanneld.subnet)
         assert st["lease"]["public_ip"] == str(h.address)
-        others = {str(o.flanneld.lease): str(o.address) for o in overlay.hosts if o is not h}
+        others = {str(o.flanneld.subnet): str(o.address) for o in overlay.hosts if o is not h}
         assert st["peers"] == others
 
 
 def test_containers_get_the_lease_and_its_mtu(overlay: Overlay) -> None:
     for h in overlay.hosts:
         for c in h.containers:
-            assert c.ip in h.flanneld.lease, (c, h.flanneld.lease)
+            assert c.ip in h.flanneld.subnet, (c, h.flanneld.subnet)
             assert c.mtu() == h.flanneld.mtu == UDP_MTU
 
 
@@ -131,12 +125,12 @@ def test_flanneld_restart_keeps_subnet_and_traffic_resumes(overlay: Overlay) -> 
     h = overlay.hosts[0]
     other = overlay.hosts[1]
     assert h.dockerd is not None
-    before = h.flanneld.lease
+    before = h.flanneld.subnet
     dockerd_pid = h.dockerd.pid
     rc = h.flanneld.stop()
     assert rc == 0, f"flanneld-py exited {rc} on SIGTERM:\n{h.flanneld.log_tail()}"
     h.flanneld.start()
-    assert h.flanneld.lease == before
+    assert h.flanneld.subnet == before
     assert h.flanneld.status()["lease"]["subnet"] == str(before)
     assert h.dockerd.pid == dockerd_pid and h.dockerd.bridge_addresses() == [
         f"{before.network_address + 1}/{before.prefixlen}"

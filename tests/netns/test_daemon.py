@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from lab.cluster import PREFIX, FlannelCluster
+from lab.flanneld import ETCD_PREFIX as PREFIX
+from lab.flanneld import FlannelCluster
 from lab.netns import Container, Lab, wait_for
 from tests.conftest import require
 
@@ -49,7 +50,7 @@ def test_three_hosts_three_leases_and_flannel_files(
             "FLANNEL_MTU=1472\n"
             "FLANNEL_IPMASQ=false\n"
         )
-        assert h.docker_file.read_text() == (
+        assert h.docker_opts_file.read_text() == (
             f'DOCKER_OPT_BIP="--bip={subnet.network_address + 1}/24"\n'
             'DOCKER_OPT_IPMASQ="--ip-masq=true"\n'
             'DOCKER_OPT_MTU="--mtu=1472"\n'
@@ -212,20 +213,20 @@ def test_unreachable_etcd_waits_and_reports_unhealthy(
     cl, _ = cluster
     h = cl.hosts[1]
     assert h.stop() == 0
-    h.etcd_endpoint = "http://10.99.0.1:2999"  # nothing listens there
+    h.etcd_endpoints = ["http://10.99.0.1:2999"]  # nothing listens there
     try:
         h.start(wait=False)
         wait_for(lambda: h.healthz()[0] == 503, 15, 0.2, "healthz 503")
         body = h.healthz()[1]
         assert "lease" in body and body.endswith("\n") and body.count("\n") == 1
         wait_for(lambda: "etcd" in h.log_tail(), 15, 0.2, "a log line about etcd")
-        assert "Traceback" not in h.log_path.read_text()
+        assert "Traceback" not in h.log_text()
         assert h.proc is not None and h.proc.poll() is None  # waits, does not exit
         t0 = time.monotonic()
         assert h.stop() == 0
         assert time.monotonic() - t0 < 2.5
     finally:
-        h.etcd_endpoint = cl.etcd.endpoint
+        h.etcd_endpoints = [cl.etcd.endpoint]
         if h.proc is None or h.proc.poll() is not None:
             h.start()
 
@@ -236,3 +237,33 @@ def test_peer_address_is_the_underlay_address(
     cl, _ = cluster
     for h in cl.hosts:
         assert IPv4Address(h.status()["lease"]["public_ip"]) == h.ns.address
+
+
+UNREACH = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.setsockopt(socket.SOL_IP, 11, 1)  # IP_RECVERR: report "net unreachable", a soft error
+s.connect((sys.argv[1], 9)); s.send(b"x")
+try:
+    s.recv(100); print("answer")
+except socket.timeout:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, e.errno))
+"""
+
+
+def test_unleased_destination_gets_icmp_net_unreachable(
+    cluster: tuple[FlannelCluster, list[Container]],
+) -> None:
+    cl, (c1, _, _) = cluster
+    leased = {h.subnet for h in cl.hosts}
+    free = next(
+        f"10.5.{i}.7" for i in range(1, 255) if not any(f"10.5.{i}.7" in str(s) for s in leased)
+    )
+    assert all(IPv4Address(free) not in s for s in leased)
+    before = cl.hosts[0].status()["engine"]["icmp_unreachable_sent"]
+    out = c1.run([sys.executable, "-c", UNREACH, free]).stdout.strip()
+    # the engine's ICMP (from flannel0's address) made it back to the container's socket
+    assert out == "ENETUNREACH"
+    assert cl.hosts[0].status()["engine"]["icmp_unreachable_sent"] >= before + 1

@@ -24,9 +24,12 @@ def L(net: str, ip: str) -> Lease:
 
 
 def test_diff_leases() -> None:
-    a, b, b2, c = L("10.5.1.0/24", "1.1.1.1"), L("10.5.2.0/24", "2.2.2.2"), L(
-        "10.5.2.0/24", "2.2.2.3"
-    ), L("10.5.3.0/24", "3.3.3.3")
+    a, b, b2, c = (
+        L("10.5.1.0/24", "1.1.1.1"),
+        L("10.5.2.0/24", "2.2.2.2"),
+        L("10.5.2.0/24", "2.2.2.3"),
+        L("10.5.3.0/24", "3.3.3.3"),
+    )
     old = {a.subnet: a, b.subnet: b}
     new = {b2.subnet: b2, c.subnet: c}
     assert diff_leases(old, new) == [LeaseRemoved(a.subnet), LeaseAdded(b2), LeaseAdded(c)]
