@@ -17,13 +17,13 @@ import signal
 import socket
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from flanneld_py import __version__, files, netlink, systemd
 from flanneld_py.config import NetworkConfig
-from flanneld_py.engine import Engine, EngineError, make_engine
+from flanneld_py.engine import Engine, EngineError, make_engine, offload_status, wants_vnet_hdr
 from flanneld_py.firewall import Firewall, FirewallError, FirewallUnavailable
 from flanneld_py.healthz import HealthServer
 from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent
@@ -32,7 +32,13 @@ from flanneld_py.options import Options
 from flanneld_py.store import StoreError, StoreUnavailable
 from flanneld_py.store.etcd import EtcdSettings, EtcdStore
 from flanneld_py.subnets import SubnetManager
-from flanneld_py.tun import TunError, open_tun
+from flanneld_py.tun import (
+    ENGINE_OFFLOADS,
+    TunError,
+    open_tun,
+    probe_offloads,
+    vnet_hdr_supported,
+)
 
 __all__ = ["DataPlane", "run"]
 
@@ -56,6 +62,8 @@ class DataPlane:
     tun_fd: int = -1
     sock: socket.socket | None = None
     engine: Engine | None = None
+    #: offloads whose runtime shutdown has been logged already
+    offload_warned: set[str] = field(default_factory=set)
 
     @property
     def mtu(self) -> int:
@@ -63,8 +71,12 @@ class DataPlane:
 
     async def start(self) -> None:
         subnet = self.lease.subnet
-        self.tun_fd, name = open_tun(self.opts.tun_name)
+        # offloads: only the C engine reads/writes the TUN with a virtio header (TSO super-packets
+        # in, coalesced GSO packets out); without kernel support the TUN is a plain one
+        vnet = wants_vnet_hdr(self.opts.engine, self.opts.offload) and vnet_hdr_supported()
+        self.tun_fd, name = open_tun(self.opts.tun_name, vnet_hdr=vnet)
         try:
+            tun_offloads = probe_offloads(self.tun_fd, ENGINE_OFFLOADS) if vnet else frozenset()
             await asyncio.to_thread(
                 netlink.configure_tun, name, subnet.network_address, self.cfg.network, self.mtu
             )
@@ -77,13 +89,16 @@ class DataPlane:
                 local_addr=subnet.network_address,
                 port=self.cfg.port,
                 mtu=self.mtu,
+                offload=self.opts.offload,
+                vnet_hdr=vnet,
+                tun_offloads=tun_offloads,
             )
             self.engine.start()
         except BaseException:
             self.close()
             raise
         log.info(
-            "data plane up: %s %s/32 mtu %d, route %s, UDP %s:%d, %s engine",
+            "data plane up: %s %s/32 mtu %d, route %s, UDP %s:%d, %s engine, offloads: %s",
             name,
             subnet.network_address,
             self.mtu,
@@ -91,7 +106,26 @@ class DataPlane:
             self.ext.address,
             self.cfg.port,
             self.engine.kind,
+            ", ".join(offload_status(self.engine)["active"]) or "none",
         )
+
+    def check_offloads(self) -> None:
+        """Log (once per offload) that the engine turned an offload off at runtime."""
+        if self.engine is None:
+            return
+        counters = offload_status(self.engine)["counters"]
+        for name, what in (
+            ("gso", "UDP GSO: the kernel refused a segmented send"),
+            ("tun_gso", "coalesced TUN writes: the TUN refused a GSO packet"),
+        ):
+            if counters.get(f"{name}_errors") and name not in self.offload_warned:
+                self.offload_warned.add(name)
+                err = counters.get(f"{name}_errno", 0)
+                log.warning(
+                    "turned off %s (%s); sending one packet per syscall from now on",
+                    what,
+                    os.strerror(err) if err else "unknown error",
+                )
 
     def apply(self, events: list[LeaseEvent]) -> None:
         assert self.engine is not None
@@ -165,6 +199,9 @@ class Daemon:
             opts.public_ip,
         )
         public_ip = ext.public_ip
+        # fail now, not after a lease is taken, when we may not create the TUN device
+        fd, _ = open_tun(opts.tun_name)
+        os.close(fd)
         log.info(
             "flanneld-py %s: interface %s (%s, mtu %d), PublicIP %s, etcd %s prefix %s",
             __version__,
@@ -330,6 +367,8 @@ class Daemon:
             engine = self.dp.engine if self.dp is not None else None
             if engine is not None and not engine.alive():
                 raise EngineError(f"packet engine stopped: {engine.error()}")
+            if self.dp is not None:
+                self.dp.check_offloads()
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -371,6 +410,9 @@ class Daemon:
             "engine": None
             if self.dp is None or self.dp.engine is None
             else {"kind": self.dp.engine.kind, **self.dp.engine.stats()},
+            "offloads": None
+            if self.dp is None or self.dp.engine is None
+            else offload_status(self.dp.engine),
         }
 
     # ---------------------------------------------------------------- shutdown
@@ -384,11 +426,17 @@ class Daemon:
                 log.warning("could not remove iptables rules: %s", e)
         if self.dp is not None:
             stats = self.dp.engine.stats() if self.dp.engine else {}
+            offl = offload_status(self.dp.engine)["counters"] if self.dp.engine else {}
             self.dp.close()
             if stats:
                 log.info(
                     "engine counters at exit: %s",
                     " ".join(f"{k}={v}" for k, v in stats.items() if v),
+                )
+            if any(offl.values()):
+                log.info(
+                    "offload counters at exit: %s",
+                    " ".join(f"{k}={v}" for k, v in offl.items() if v),
                 )
         if self.health is not None:
             await self.health.close()
