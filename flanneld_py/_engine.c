@@ -8,33 +8,51 @@
  *     socketpair; the loop polls its end and drains it before every batch (a relaxed counter
  *     `cmd_sent` tells it cheaply whether anything was written, so a route set before a packet
  *     is written is always applied before that packet is read);
- *   - counters: 64-bit words written only by the loop (relaxed atomic stores), read by stats();
+ *   - counters: 64-bit words written only by the loop (relaxed atomic stores), read by stats()
+ *     (the packet counters, identical to pyengine.COUNTERS) and offloads() (offload state and
+ *     offload counters, C only);
  *   - `exited` + the error fields, written once by the loop when it stops on its own.
  * The route table is the loop's alone while it runs (before start and after the thread is gone,
  * Python applies commands to it directly).
  *
- * Pipeline, in packet vectors (pktvec: buffers + lengths + addresses, BATCH deep):
+ * Pipeline, in packet vectors (a packet = header part + optional payload part, so a segment cut
+ * from a super-packet needs no copy of its payload):
  *
- *   TUN -> UDP   tun_batch():   read() until EAGAIN or BATCH packets        -> tx vector
- *                classify_tx(): IPv4 checks, LPM(dst), TTL-1 (RFC 1624), ICMP errors into the TUN
- *                send_tx():     sendmmsg() of the survivors, each to <peer PublicIP>:<port>
- *   UDP -> TUN   udp_batch():   recvmmsg() up to BATCH datagrams (65536-byte buffers) -> rx vector
- *                classify_rx(): length/version/IHL/total length/checksum, sender == PublicIP of
- *                               the peer owning the inner source (one LPM), dst in local subnet,
- *                               TTL-1 (or drop + ICMP time exceeded back to the peer)
- *                write_rx():    write() each survivor into the TUN
+ *   TUN -> UDP   tun_batch():   read() until EAGAIN, BATCH reads, or the vector is nearly full
+ *                tun_ingest():  with IFF_VNET_HDR: a TSO super-packet (GSO_TCPV4) is split into
+ *                               MSS segments (tso_split: IP length/id/checksum, TCP seq, FIN/PSH
+ *                               on the last only, CWR on the first only, full TCP checksum); a
+ *                               NEEDS_CSUM packet gets its checksum completed
+ *                classify_tx(): per packet/segment: IPv4 checks, LPM(dst), TTL-1 (RFC 1624),
+ *                               ICMP errors into the TUN
+ *                send_tx():     sendmmsg() of the survivors to <peer PublicIP>:<port>; with UDP
+ *                               GSO one message per run of same-peer, equal-size packets (the
+ *                               last may be shorter, <= MAX_SEGS): the kernel cuts it back into
+ *                               one datagram per packet, so the wire format is unchanged
+ *   UDP -> TUN   udp_batch():   recvmmsg() up to BATCH messages (65536-byte buffers); with
+ *                               UDP_GRO a message may hold several datagrams (cmsg: their size)
+ *                rx_split():    messages -> datagrams
+ *                classify_rx(): every datagram: length/version/IHL/total length/checksum, sender
+ *                               == PublicIP of the peer owning the inner source (one LPM), dst in
+ *                               local subnet, TTL-1 (or drop + ICMP time exceeded to the peer)
+ *                write_rx():    writev() into the TUN; with IFF_VNET_HDR each write starts with a
+ *                               virtio_net_hdr, and consecutive in-order segments of one TCP flow
+ *                               (checksums verified) go as one GSO_TCPV4 super-packet
+ *                               (NEEDS_CSUM, pseudo-header sum in the checksum field)
  *
  * Batches never wait to fill: whatever one drain pass found is processed and sent at once. If the
  * UDP socket (or the TUN) answers EAGAIN, the rest of that vector is kept ("stalled"), the loop
  * polls for POLLOUT and stops reading the other fd meanwhile (backpressure instead of drops).
  *
- * Where segmentation offloads plug in (same vectors, same stages):
- *   - TUN IFF_VNET_HDR + TUNSETOFFLOAD: tun_batch() reads one super-packet + virtio_net_hdr and a
- *     split step fills several tx slots with MSS-sized segments before classify_tx();
- *   - UDP GSO: send_tx() groups consecutive same-peer, same-size slots into one msg with a
- *     UDP_SEGMENT cmsg (the vector already carries peer and length per slot);
- *   - UDP GRO: udp_batch() sets msg_control for the UDP_GRO cmsg and splits each coalesced read
- *     into slots before classify_rx(); write_rx() may coalesce TCP segments into one GSO write.
+ * Offloads and their fallbacks (each can be off; all off = the plain batched loop):
+ *   vnet_hdr  the TUN fd was opened with IFF_VNET_HDR (fixed at construction: it is the framing
+ *             of every read and write). TSO/CSUM reads are handled whenever they come.
+ *   udp_gso   UDP_SEGMENT sends. Probed at start; if the kernel refuses a GSO send (EIO: no
+ *             checksum offload on the route's device; EINVAL/EMSGSIZE), the loop turns it off
+ *             for good, counts gso_errors and resends those packets one per datagram.
+ *   udp_gro   UDP_GRO on the socket (set at start, cleared at stop).
+ *   tun_gso   coalesced GSO writes into the TUN (needs vnet_hdr); a refused write turns it off
+ *             (tun_gso_errors) and the packets go one by one.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -49,10 +67,47 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
-#define BATCH 64
-#define BUFSZ 65536
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+#define BATCH 64     /* reads / messages per batch */
+#define BUFSZ 65536  /* bytes per packet buffer */
+#define PKTCAP 4096  /* packets (or segments) per vector */
+#define HDRSLOT 128  /* header copy of one split segment: IPv4 (<= 60) + TCP (<= 60) */
+#define RBUF_STRIDE (BUFSZ + 64)
+#define PKT_OFF 16   /* where a packet starts in its read buffer (after the vnet header) */
+#define MIN_MSS 48   /* Linux's floor for an MSS (tcp_min_snd_mss) */
+/* the most segments one read can yield; reading stops while fewer slots are free */
+#define SPLIT_RESERVE (BUFSZ / MIN_MSS + 2)
+#define MAX_SEGS 64            /* packets per UDP GSO send and per coalesced TUN write */
+#define GSO_MAX_BYTES 65507    /* UDP payload of one send: 65535 - IPv4 header - UDP header */
+#define SUPER_MAX 65535        /* IPv4 total length of a coalesced packet */
+
+/* struct virtio_net_hdr (host byte order: the TUN's default, legacy virtio on a LE host) */
+#define VNET_LEN 10
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_ECN 0x80
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define TCP_URG 0x20
+#define TCP_ECE 0x40
+#define TCP_CWR 0x80
 
 /* ---- counters (names identical to pyengine.COUNTERS) ------------------------------------------ */
 
@@ -75,6 +130,22 @@ enum { COUNTER_LIST(X_ENUM) N_CTR };
 static const char *const ctr_names[N_CTR] = {COUNTER_LIST(X_NAME)};
 #undef X_NAME
 
+/* Offload state (0/1, the first four) and offload counters: Engine.offloads(). Packets that go
+ * through an offload are still counted one by one in the counters above. */
+#define OFFLOAD_LIST(X)                                                                            \
+    X(vnet_hdr) X(udp_gso) X(udp_gro) X(tun_gso)                                                   \
+    X(tso_packets) X(tso_segments) X(csum_completed) X(vnet_errors)                                \
+    X(gso_sends) X(gso_segments) X(gso_errors) X(gso_errno)                                        \
+    X(gro_reads) X(gro_segments)                                                                   \
+    X(tun_gso_writes) X(tun_gso_segments) X(tun_gso_errors) X(tun_gso_errno) X(coalesce_bad_csum)
+
+#define X_ENUM(n) O_##n,
+enum { OFFLOAD_LIST(X_ENUM) N_OFF };
+#undef X_ENUM
+#define X_NAME(n) #n,
+static const char *const off_names[N_OFF] = {OFFLOAD_LIST(X_NAME)};
+#undef X_NAME
+
 /* ---- byte helpers ----------------------------------------------------------------------------- */
 
 static inline uint32_t get16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
@@ -92,18 +163,94 @@ static inline void put32(uint8_t *p, uint32_t v)
     put16(p, v >> 16);
     put16(p + 2, v);
 }
-
-/* RFC 1071 checksum (0 over data that carries a valid checksum). */
-static uint32_t csum(const uint8_t *p, size_t n)
+static inline uint16_t hget16(const uint8_t *p) /* host order (virtio_net_hdr fields) */
 {
-    uint64_t s = 0;
-    for (; n >= 2; p += 2, n -= 2)
-        s += get16(p);
-    if (n)
-        s += (uint32_t)p[0] << 8;
-    while (s >> 16)
-        s = (s & 0xffff) + (s >> 16);
-    return (uint32_t)~s & 0xffff;
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+static inline void hput16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+
+/* ---- checksums (RFC 1071) ----------------------------------------------------------------------
+ * csum_add() sums bytes as native-endian 64-bit words with add-with-carry (a 128-bit accumulator:
+ * the compiler emits add/adc), folding the carries back (end-around) at the end. Any 16-bit
+ * aligned piece sums to the same ones' complement value in every lane, so pieces (pseudo-header,
+ * header, payload) can be summed separately and added with csum_add64(), provided every piece but
+ * the last has an even length. csum_fold() gives the 16-bit sum as a big-endian value. */
+
+static inline uint64_t csum_add64(uint64_t a, uint64_t b)
+{
+    uint64_t s = a + b;
+    return s + (s < b);
+}
+
+static inline uint64_t ld64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+__extension__ typedef unsigned __int128 u128;
+
+static uint64_t csum_add(uint64_t acc, const uint8_t *p, size_t n)
+{
+    u128 s = acc;
+    while (n >= 64) {
+        s += ld64(p);
+        s += ld64(p + 8);
+        s += ld64(p + 16);
+        s += ld64(p + 24);
+        s += ld64(p + 32);
+        s += ld64(p + 40);
+        s += ld64(p + 48);
+        s += ld64(p + 56);
+        p += 64;
+        n -= 64;
+    }
+    while (n >= 8) {
+        s += ld64(p);
+        p += 8;
+        n -= 8;
+    }
+    if (n) {
+        uint64_t t = 0;
+        memcpy(&t, p, n); /* zero padded at the end: right for an odd last byte too */
+        s += t;
+    }
+    return csum_add64((uint64_t)s, (uint64_t)(s >> 64));
+}
+
+/* a 16-bit big-endian quantity (e.g. a length of the pseudo-header) in csum_add()'s lanes */
+static inline uint64_t csum_be16(uint32_t v)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return ((v & 0xff) << 8) | ((v >> 8) & 0xff);
+#else
+    return v & 0xffff;
+#endif
+}
+
+static inline uint32_t csum_fold(uint64_t s)
+{
+    s = (s & 0xffffffffu) + (s >> 32);
+    s = (s & 0xffffffffu) + (s >> 32);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    s = ((s & 0xff) << 8) | (s >> 8);
+#endif
+    return (uint32_t)s;
+}
+
+/* The Internet checksum of p[0..n) (0 over data that carries a valid checksum). */
+static inline uint32_t csum(const uint8_t *p, size_t n) { return ~csum_fold(csum_add(0, p, n)) & 0xffff; }
+
+/* Sum of the TCP/UDP pseudo-header of the IPv4 header at ip, for an L4 length of l4len. */
+static inline uint64_t pseudo_sum(const uint8_t *ip, uint32_t l4len)
+{
+    uint64_t s = csum_add(0, ip + 12, 8);
+    return csum_add64(s, csum_be16(ip[9]) + csum_be16(l4len));
 }
 
 /* TTL-1 with the RFC 1624 eqn. 3 update of the header checksum: HC' = ~(~HC + ~m + m'). */
@@ -271,7 +418,6 @@ static inline int rt_lookup(const rt_table *t, uint32_t addr, uint32_t *net, uns
     }
     return 0;
 }
-
 /* ---- engine ----------------------------------------------------------------------------------- */
 
 enum { CMD_SET = 1, CMD_DEL = 2, CMD_STOP = 3 };
@@ -281,16 +427,52 @@ struct eng_cmd {
 
 enum { ST_NEW, ST_RUNNING, ST_STOPPED };
 
+/* One packet of a vector: p[0..hlen) then, for a segment cut from a super-packet, pay[0..plen)
+ * (the payload stays in the read buffer). */
+typedef struct {
+    uint8_t *p, *pay;
+    uint32_t hlen, plen;
+    uint32_t addr;  /* tx: the peer's PublicIP; rx: the sender (host order) */
+    uint8_t trunc;  /* rx: the datagram was truncated */
+    uint8_t tcpok;  /* rx: TCP checksum 0 = not checked yet, 1 = valid, 2 = invalid */
+} pkt;
+
+static inline uint32_t pkt_len(const pkt *k) { return k->hlen + k->plen; }
+
+typedef struct {
+    _Alignas(struct cmsghdr) char buf[CMSG_SPACE(sizeof(int))];
+} cmsgbuf;
+
+typedef struct {
+    uint8_t *rbuf[BATCH]; /* read buffers, RBUF_STRIDE apart; the packet at PKT_OFF */
+    uint8_t *hdrs;        /* PKTCAP header copies of split segments */
+    pkt pk[PKTCAP];
+    int npk;
+    int ready[PKTCAP];    /* packets to send, in order */
+    int nready, head;     /* head < nready: stalled */
+    struct iovec iov[2 * PKTCAP]; /* the message of ready[k..] uses iov[2k..] */
+    struct mmsghdr msg[BATCH];
+    struct sockaddr_in addr[BATCH];
+    int msg_pkts[BATCH];
+    cmsgbuf ctl[BATCH];
+} txvec;
+
 typedef struct {
     uint8_t *buf[BATCH];
-    uint32_t len[BATCH];
+    struct iovec riov[BATCH];
     struct sockaddr_in addr[BATCH];
-    struct iovec iov[BATCH];
     struct mmsghdr msg[BATCH];
-    int n;            /* packets read into the vector */
-    int ready[BATCH]; /* rx: slots to write into the TUN */
-    int nready, head; /* packets to send, and how many are sent (head < nready: stalled) */
-} pktvec;
+    cmsgbuf ctl[BATCH];
+    int nmsg, next_msg;   /* messages received, and the next one to split */
+    uint32_t next_off;    /* where splitting next_msg resumes */
+    pkt pk[PKTCAP];
+    int npk;
+    int ready[PKTCAP];
+    int nready, head;     /* head < nready (or next_msg < nmsg): stalled */
+    struct iovec wiov[MAX_SEGS + 2];
+    uint8_t vhdr[VNET_LEN];   /* the header of the write being built */
+    uint8_t shdr[HDRSLOT];    /* IP + TCP header of a coalesced write */
+} rxvec;
 
 typedef struct {
     PyObject_HEAD
@@ -299,8 +481,10 @@ typedef struct {
     int cmd_rd, cmd_wr; /* loop end, Python end */
     uint32_t local_net, local_mask, local_addr, mtu;
     uint16_t port;
+    int vnet;                          /* the TUN fd carries a virtio_net_hdr */
+    int want_gso, want_gro, want_tun_gso;
     /* lifecycle, Python side only */
-    int state, started;
+    int state, started, gro_set;
     pthread_t thread;
     /* shared with the loop */
     int exited;                /* atomic: set (release) by the loop as its last action */
@@ -308,10 +492,12 @@ typedef struct {
     const char *error_what;    /* written by the loop before exited */
     int error_errno;
     uint64_t ctr[N_CTR];       /* written by the loop (relaxed), read by stats() */
+    uint64_t off[N_OFF];       /* written by start() before the thread, then by the loop */
     /* loop only */
     uint64_t cmd_done;
     rt_table rt;
-    pktvec *tx, *rx;
+    txvec *tx;
+    rxvec *rx;
     void *mem;
     size_t memlen;
     int tx_stalled, rx_stalled, fatal;
@@ -324,6 +510,22 @@ static inline void ctr_add(Engine *e, int i, uint64_t v)
                      __ATOMIC_RELAXED);
 }
 #define CTR(e, name, v) ctr_add((e), C_##name, (v))
+
+static inline void off_add(Engine *e, int i, uint64_t v)
+{
+    __atomic_store_n(&e->off[i], __atomic_load_n(&e->off[i], __ATOMIC_RELAXED) + v,
+                     __ATOMIC_RELAXED);
+}
+static inline void off_set(Engine *e, int i, uint64_t v)
+{
+    __atomic_store_n(&e->off[i], v, __ATOMIC_RELAXED);
+}
+static inline uint64_t off_get(Engine *e, int i)
+{
+    return __atomic_load_n(&e->off[i], __ATOMIC_RELAXED);
+}
+#define OFF(e, name, v) off_add((e), O_##name, (v))
+#define OFF_ON(e, name) (off_get((e), O_##name) != 0)
 
 static void set_fatal(Engine *e, const char *what, int err)
 {
@@ -396,7 +598,8 @@ static int icmp_allowed(const uint8_t *p, uint32_t n, uint32_t ihl)
     return 1;
 }
 
-/* ICMP error from local_addr to the offender's source, quoting its header + 8 bytes. */
+/* ICMP error from local_addr to the offender's source, quoting its header + 8 bytes. p[0..n)
+ * must hold at least min(ihl + 8, n) bytes (a split segment's header copy does). */
 static uint32_t build_icmp(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl, uint8_t type)
 {
     uint8_t *o = e->icmp;
@@ -416,6 +619,8 @@ static uint32_t build_icmp(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl
     return tot;
 }
 
+static const uint8_t zero_vnet[VNET_LEN];
+
 static void icmp_to_tun(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl, uint8_t type)
 {
     if (!icmp_allowed(p, n, ihl)) {
@@ -423,9 +628,10 @@ static void icmp_to_tun(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl, u
         return;
     }
     uint32_t len = build_icmp(e, p, n, ihl, type);
+    struct iovec iov[2] = {{(void *)zero_vnet, VNET_LEN}, {e->icmp, len}};
     ssize_t r;
     do
-        r = write(e->tun_fd, e->icmp, len);
+        r = e->vnet ? writev(e->tun_fd, iov, 2) : write(e->tun_fd, e->icmp, len);
     while (r < 0 && errno == EINTR);
     if (r < 0) {
         CTR(e, tun_tx_errors, 1);
@@ -463,20 +669,126 @@ static void icmp_to_peer(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl, 
 
 /* ---- TUN -> UDP ------------------------------------------------------------------------------- */
 
-static void classify_tx(Engine *e, pktvec *v)
+static inline void tx_add(txvec *v, uint8_t *p, uint32_t n)
+{
+    pkt *k = &v->pk[v->npk++];
+    k->p = p;
+    k->hlen = n;
+    k->pay = NULL;
+    k->plen = 0;
+}
+
+/* A read that cannot be used at all: counted as one malformed packet. */
+static void tx_bad_read(Engine *e, uint32_t n)
+{
+    CTR(e, tun_rx_packets, 1);
+    CTR(e, tun_rx_bytes, n);
+    CTR(e, drop_tun_malformed, 1);
+    OFF(e, vnet_errors, 1);
+}
+
+/* Cut the IPv4/TCP super-packet p[0..n) into segments of mss payload bytes, appended to v.
+ * Each segment: the headers copied (total length, id + i, header checksum; seq + i * mss; FIN and
+ * PSH only on the last, CWR only on the first; a full TCP checksum), its payload left in place.
+ * 0 on success, -1 (nothing added) when the packet is not a well-formed one. */
+static int tso_split(Engine *e, txvec *v, uint8_t *p, uint32_t n, uint32_t mss)
+{
+    if (n < 40 || p[0] >> 4 != 4 || p[9] != IPPROTO_TCP || get16(p + 2) != n)
+        return -1;
+    uint32_t ihl = (p[0] & 15u) * 4;
+    if (ihl < 20 || ihl + 20 > n || (get16(p + 6) & 0x3fff)) /* no fragment of a super-packet */
+        return -1;
+    const uint8_t *th = p + ihl;
+    uint32_t thl = (uint32_t)(th[12] >> 4) * 4, hl = ihl + thl;
+    if (thl < 20 || hl > n || mss == 0)
+        return -1;
+    uint32_t pay = n - hl;
+    uint32_t nseg = pay ? (pay + mss - 1) / mss : 1;
+    if (nseg > (uint32_t)(PKTCAP - v->npk))
+        return -1; /* an MSS below MIN_MSS: not from a Linux TCP */
+    uint32_t id0 = get16(p + 4), seq0 = get32(th + 4);
+    uint8_t flags = th[13];
+    uint64_t addrs = csum_add(0, p + 12, 8); /* pseudo-header: src + dst ... */
+    addrs = csum_add64(addrs, csum_be16(IPPROTO_TCP)); /* ... + protocol */
+    const uint8_t *data = p + hl;
+    for (uint32_t i = 0; i < nseg; i++) {
+        uint32_t off = i * mss, len = pay - off < mss ? pay - off : mss;
+        uint8_t *h = v->hdrs + (size_t)v->npk * HDRSLOT;
+        memcpy(h, p, hl);
+        put16(h + 2, hl + len);
+        put16(h + 4, (id0 + i) & 0xffff);
+        put16(h + 10, 0);
+        put16(h + 10, csum(h, ihl));
+        uint8_t *t = h + ihl;
+        put32(t + 4, seq0 + off);
+        uint8_t f = flags;
+        if (i + 1 < nseg)
+            f &= (uint8_t)~(TCP_FIN | TCP_PSH);
+        if (i > 0)
+            f &= (uint8_t)~TCP_CWR;
+        t[13] = f;
+        put16(t + 16, 0);
+        uint64_t s = csum_add64(addrs, csum_be16(thl + len));
+        s = csum_add(s, t, thl);
+        s = csum_add(s, data + off, len);
+        put16(t + 16, ~csum_fold(s) & 0xffff);
+        pkt *k = &v->pk[v->npk++];
+        k->p = h;
+        k->hlen = hl;
+        k->pay = (uint8_t *)data + off;
+        k->plen = len;
+    }
+    OFF(e, tso_packets, 1);
+    OFF(e, tso_segments, nseg);
+    return 0;
+}
+
+/* One read from a vnet TUN: b[0..r) = virtio_net_hdr + packet. */
+static void tun_ingest_vnet(Engine *e, txvec *v, uint8_t *b, uint32_t r)
+{
+    if (r < VNET_LEN) {
+        tx_bad_read(e, r);
+        return;
+    }
+    uint8_t *p = b + VNET_LEN;
+    uint32_t n = r - VNET_LEN;
+    uint8_t flags = b[0], gso = b[1];
+    uint32_t gso_size = hget16(b + 4), cs_start = hget16(b + 6), cs_off = hget16(b + 8);
+    if (n >= 1 && p[0] >> 4 == 6) { /* IPv6 (TSO6 too): classify_tx drops it */
+        tx_add(v, p, n);
+        return;
+    }
+    if (gso != VNET_GSO_NONE) {
+        if ((gso & ~VNET_GSO_ECN) != VNET_GSO_TCPV4 || tso_split(e, v, p, n, gso_size) < 0)
+            tx_bad_read(e, n);
+        return;
+    }
+    if (flags & VNET_F_NEEDS_CSUM) { /* complete the checksum the kernel left partial */
+        if ((uint64_t)cs_start + cs_off + 2 > n || (cs_start & 1)) {
+            tx_bad_read(e, n);
+            return;
+        }
+        put16(p + cs_start + cs_off, ~csum_fold(csum_add(0, p + cs_start, n - cs_start)) & 0xffff);
+        OFF(e, csum_completed, 1);
+    }
+    tx_add(v, p, n);
+}
+
+static void classify_tx(Engine *e, txvec *v)
 {
     v->nready = v->head = 0;
-    for (int i = 0; i < v->n; i++) {
-        uint8_t *p = v->buf[i];
-        uint32_t n = v->len[i], peer;
+    for (int i = 0; i < v->npk; i++) {
+        pkt *k = &v->pk[i];
+        uint8_t *p = k->p;
+        uint32_t n = pkt_len(k), h = k->hlen, peer;
         CTR(e, tun_rx_packets, 1);
         CTR(e, tun_rx_bytes, n);
-        if (n >= 1 && p[0] >> 4 == 6) {
+        if (h >= 1 && p[0] >> 4 == 6) {
             CTR(e, drop_tun_ipv6, 1);
             continue;
         }
-        uint32_t ihl = n ? (p[0] & 15u) * 4 : 0;
-        if (n < 20 || p[0] >> 4 != 4 || ihl < 20 || ihl > n || get16(p + 2) != n) {
+        uint32_t ihl = h ? (p[0] & 15u) * 4 : 0;
+        if (h < 20 || p[0] >> 4 != 4 || ihl < 20 || ihl > h || get16(p + 2) != n) {
             CTR(e, drop_tun_malformed, 1);
             continue;
         }
@@ -491,37 +803,92 @@ static void classify_tx(Engine *e, pktvec *v)
             continue;
         }
         ttl_dec(p);
-        int k = v->nready++;
-        v->iov[k].iov_base = p;
-        v->iov[k].iov_len = n;
-        v->addr[k].sin_family = AF_INET;
-        v->addr[k].sin_port = htons(e->port);
-        v->addr[k].sin_addr.s_addr = htonl(peer);
-        struct msghdr *h = &v->msg[k].msg_hdr;
-        memset(h, 0, sizeof *h);
-        h->msg_name = &v->addr[k];
-        h->msg_namelen = sizeof v->addr[k];
-        h->msg_iov = &v->iov[k];
-        h->msg_iovlen = 1;
+        k->addr = peer;
+        v->ready[v->nready++] = i;
     }
+}
+
+/* Messages for ready[head..]: with GSO, one per run of same-peer packets of one size (the last
+ * may be shorter); else one per packet. Idempotent: rebuilt after a stall or a GSO refusal. */
+static int build_msgs(Engine *e, txvec *v)
+{
+    int nm = 0, k = v->head;
+    int gso = OFF_ON(e, udp_gso);
+    while (nm < BATCH && k < v->nready) {
+        const pkt *a = &v->pk[v->ready[k]];
+        uint32_t size = pkt_len(a), total = size;
+        int c = 1;
+        if (gso && size <= e->mtu) {
+            while (k + c < v->nready && c < MAX_SEGS) {
+                const pkt *b = &v->pk[v->ready[k + c]];
+                uint32_t l = pkt_len(b);
+                if (b->addr != a->addr || l > size || l == 0 || total + l > GSO_MAX_BYTES)
+                    break;
+                total += l;
+                c++;
+                if (l < size)
+                    break;
+            }
+        }
+        struct iovec *iov = &v->iov[2 * k];
+        int w = 0;
+        for (int j = 0; j < c; j++) {
+            const pkt *b = &v->pk[v->ready[k + j]];
+            iov[w].iov_base = b->p;
+            iov[w++].iov_len = b->hlen;
+            if (b->plen) {
+                iov[w].iov_base = b->pay;
+                iov[w++].iov_len = b->plen;
+            }
+        }
+        struct sockaddr_in *sa = &v->addr[nm];
+        sa->sin_family = AF_INET;
+        sa->sin_port = htons(e->port);
+        sa->sin_addr.s_addr = htonl(a->addr);
+        struct msghdr *h = &v->msg[nm].msg_hdr;
+        memset(h, 0, sizeof *h);
+        h->msg_name = sa;
+        h->msg_namelen = sizeof *sa;
+        h->msg_iov = iov;
+        h->msg_iovlen = (size_t)w;
+        if (c > 1) {
+            h->msg_control = v->ctl[nm].buf;
+            h->msg_controllen = CMSG_SPACE(sizeof(uint16_t));
+            struct cmsghdr *cm = CMSG_FIRSTHDR(h);
+            cm->cmsg_level = SOL_UDP;
+            cm->cmsg_type = UDP_SEGMENT;
+            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t seg = (uint16_t)size;
+            memcpy(CMSG_DATA(cm), &seg, sizeof seg);
+        }
+        v->msg_pkts[nm++] = c;
+        k += c;
+    }
+    return nm;
 }
 
 static void send_tx(Engine *e)
 {
-    pktvec *v = e->tx;
+    txvec *v = e->tx;
     int was_stalled = e->tx_stalled;
     e->tx_stalled = 0;
     while (v->head < v->nready) {
-        int r = sendmmsg(e->udp_fd, &v->msg[v->head], (unsigned)(v->nready - v->head),
-                         MSG_DONTWAIT);
+        int nm = build_msgs(e, v);
+        int r = sendmmsg(e->udp_fd, v->msg, (unsigned)nm, MSG_DONTWAIT);
         if (r > 0) {
             CTR(e, udp_tx_batches, 1);
-            CTR(e, udp_tx_packets, (uint64_t)r);
-            uint64_t bytes = 0;
-            for (int j = v->head; j < v->head + r; j++)
+            uint64_t bytes = 0, pkts = 0;
+            for (int j = 0; j < r; j++) {
                 bytes += v->msg[j].msg_len;
+                pkts += (uint64_t)v->msg_pkts[j];
+                if (v->msg_pkts[j] > 1) {
+                    OFF(e, gso_sends, 1);
+                    OFF(e, gso_segments, (uint64_t)v->msg_pkts[j]);
+                }
+                v->head += v->msg_pkts[j];
+            }
+            CTR(e, udp_tx_packets, pkts);
             CTR(e, udp_tx_bytes, bytes);
-            v->head += r;
             continue;
         }
         if (r < 0 && errno == EINTR)
@@ -532,8 +899,17 @@ static void send_tx(Engine *e)
                 CTR(e, udp_tx_stalls, 1);
             return;
         }
-        CTR(e, udp_tx_errors, 1); /* this message failed (EPERM, ENETUNREACH...): skip it */
-        v->head++;
+        if (r < 0 && v->msg_pkts[0] > 1 &&
+            (errno == EIO || errno == EINVAL || errno == EMSGSIZE)) {
+            /* the kernel will not segment for us on this route: off for good, resend plainly */
+            off_set(e, O_udp_gso, 0);
+            off_set(e, O_gso_errno, (uint64_t)errno);
+            OFF(e, gso_errors, 1);
+            continue;
+        }
+        /* this message failed (EPERM, ENETUNREACH...): skip its packets */
+        CTR(e, udp_tx_errors, (uint64_t)v->msg_pkts[0]);
+        v->head += v->msg_pkts[0];
     }
     v->nready = v->head = 0;
 }
@@ -541,10 +917,17 @@ static void send_tx(Engine *e)
 /* One TUN batch; 1 if the TUN may hold more right now. */
 static int tun_batch(Engine *e)
 {
-    pktvec *v = e->tx;
-    int n = 0;
+    txvec *v = e->tx;
+    int n = 0, full = 0;
+    size_t cap = e->vnet ? VNET_LEN + BUFSZ : BUFSZ;
+    v->npk = 0;
     while (n < BATCH) {
-        ssize_t r = read(e->tun_fd, v->buf[n], BUFSZ);
+        if (v->npk > PKTCAP - SPLIT_RESERVE) {
+            full = 1;
+            break;
+        }
+        uint8_t *b = v->rbuf[n] + (e->vnet ? PKT_OFF - VNET_LEN : PKT_OFF);
+        ssize_t r = read(e->tun_fd, b, cap);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -558,31 +941,78 @@ static int tun_batch(Engine *e)
             set_fatal(e, "TUN fd reached end of file", 0);
             break;
         }
-        v->len[n++] = (uint32_t)r;
+        n++;
+        if (e->vnet)
+            tun_ingest_vnet(e, v, b, (uint32_t)r);
+        else
+            tx_add(v, b, (uint32_t)r);
     }
     if (n == 0)
         return 0;
     CTR(e, tun_rx_batches, 1);
-    v->n = n;
     classify_tx(e, v);
     send_tx(e);
-    return n == BATCH && !e->tx_stalled && !e->fatal;
+    return (n == BATCH || full) && !e->tx_stalled && !e->fatal;
 }
 
 /* ---- UDP -> TUN ------------------------------------------------------------------------------- */
 
-static void classify_rx(Engine *e, pktvec *v)
+/* The datagrams of the received messages, from (next_msg, next_off) on, until the vector is full:
+ * a UDP_GRO message holds several, each of the cmsg's size but the last. */
+static void rx_split(Engine *e, rxvec *v)
 {
-    v->nready = v->head = 0;
-    for (int i = 0; i < v->n; i++) {
-        uint8_t *p = v->buf[i];
-        uint32_t n = v->msg[i].msg_len, peer;
+    v->npk = 0;
+    while (v->next_msg < v->nmsg && v->npk < PKTCAP) {
+        int i = v->next_msg;
+        struct msghdr *h = &v->msg[i].msg_hdr;
+        uint32_t n = v->msg[i].msg_len, seg = 0;
         const struct sockaddr_in *sa = &v->addr[i];
         uint32_t sender = sa->sin_family == AF_INET ? ntohl(sa->sin_addr.s_addr) : 0;
-        v->len[i] = n;
+        int trunc = (h->msg_flags & MSG_TRUNC) != 0;
+        if (h->msg_controllen && !trunc) {
+            for (struct cmsghdr *cm = CMSG_FIRSTHDR(h); cm; cm = CMSG_NXTHDR(h, cm))
+                if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO &&
+                    cm->cmsg_len >= CMSG_LEN(sizeof(int))) {
+                    int g;
+                    memcpy(&g, CMSG_DATA(cm), sizeof g);
+                    seg = g > 0 ? (uint32_t)g : 0;
+                }
+        }
+        if (seg == 0 || seg >= n) { /* one datagram (or a truncated read: one, and dropped) */
+            pkt *k = &v->pk[v->npk++];
+            *k = (pkt){.p = v->buf[i], .hlen = n, .addr = sender, .trunc = (uint8_t)trunc};
+            v->next_msg++;
+            continue;
+        }
+        if (v->next_off == 0)
+            OFF(e, gro_reads, 1);
+        uint32_t off = v->next_off;
+        while (off < n && v->npk < PKTCAP) {
+            uint32_t len = n - off < seg ? n - off : seg;
+            pkt *k = &v->pk[v->npk++];
+            *k = (pkt){.p = v->buf[i] + off, .hlen = len, .addr = sender};
+            off += len;
+            OFF(e, gro_segments, 1);
+        }
+        if (off >= n) {
+            v->next_msg++;
+            v->next_off = 0;
+        } else {
+            v->next_off = off;
+        }
+    }
+}
+
+static void classify_rx(Engine *e, rxvec *v)
+{
+    v->nready = v->head = 0;
+    for (int i = 0; i < v->npk; i++) {
+        pkt *k = &v->pk[i];
+        uint8_t *p = k->p;
+        uint32_t n = k->hlen, peer, sender = k->addr;
         CTR(e, udp_rx_packets, 1);
         CTR(e, udp_rx_bytes, n);
-        if (v->msg[i].msg_hdr.msg_flags & MSG_TRUNC) {
+        if (k->trunc) {
             CTR(e, drop_udp_truncated, 1);
             continue;
         }
@@ -631,14 +1061,126 @@ static void classify_rx(Engine *e, pktvec *v)
     }
 }
 
-static void write_rx(Engine *e)
+/* Is p[0..n) a TCP data segment that may be part of a coalesced write? IPv4 without options or
+ * fragmentation; ACK set, nothing but PSH/ECE besides (no SYN/FIN/RST/URG/CWR); payload > 0.
+ * Then *thl = TCP header length. (IPv4/IHL/total length were checked by classify_rx.) */
+static inline int tcp_candidate(const uint8_t *p, uint32_t n, uint32_t *thl)
 {
-    pktvec *v = e->rx;
-    int was_stalled = e->rx_stalled;
-    e->rx_stalled = 0;
+    if (p[0] != 0x45 || p[9] != IPPROTO_TCP || (get16(p + 6) & 0x3fff) || n < 41)
+        return 0;
+    uint32_t t = (uint32_t)(p[32] >> 4) * 4;
+    uint8_t f = p[33];
+    if (t < 20 || 20 + t >= n || !(f & TCP_ACK) || (f & ~(TCP_ACK | TCP_PSH | TCP_ECE)))
+        return 0;
+    *thl = t;
+    return 1;
+}
+
+/* TCP checksum of a candidate (IHL 5), checked once per packet: a coalesced write asks the
+ * kernel to compute a fresh checksum, which must not hide a corrupted segment. */
+static int tcp_valid(Engine *e, pkt *k)
+{
+    if (!k->tcpok) {
+        uint32_t l4 = k->hlen - 20;
+        uint64_t s = csum_add(pseudo_sum(k->p, l4), k->p + 20, l4);
+        k->tcpok = csum_fold(s) == 0xffff ? 1 : 2;
+        if (k->tcpok == 2)
+            OFF(e, coalesce_bad_csum, 1);
+    }
+    return k->tcpok == 1;
+}
+
+/* How many ready packets from head on go into one write (1, or a coalesced run), with the write's
+ * iovecs in v->wiov; *bytes = the inner packets' total. Rebuilt identically after a stall. */
+static int build_write(Engine *e, rxvec *v, int *niov, uint64_t *bytes)
+{
+    int h = v->head, c = 1;
+    pkt *a = &v->pk[v->ready[h]];
+    uint32_t alen = a->hlen, thl;
+    uint32_t hl = 0, mss = 0, total = alen;
+    if (OFF_ON(e, tun_gso) && h + 1 < v->nready && tcp_candidate(a->p, alen, &thl) &&
+        !(a->p[33] & TCP_PSH)) {
+        const uint8_t *ap = a->p;
+        hl = 20 + thl;
+        mss = alen - hl;
+        uint32_t seq = get32(ap + 24) + mss, id = get16(ap + 4);
+        while (h + c < v->nready && c < MAX_SEGS) {
+            pkt *b = &v->pk[v->ready[h + c]];
+            const uint8_t *q = b->p;
+            uint32_t bl = b->hlen, bthl;
+            if (!tcp_candidate(q, bl, &bthl) || bthl != thl)
+                break;
+            uint32_t blen = bl - hl;
+            if (blen > mss || total + blen > SUPER_MAX)
+                break;
+            if (memcmp(q, ap, 2) || memcmp(q + 6, ap + 6, 4) || memcmp(q + 12, ap + 12, 12) ||
+                get16(q + 4) != ((id + (uint32_t)c) & 0xffff) || get32(q + 24) != seq ||
+                memcmp(q + 28, ap + 28, 5) || (q[33] & ~TCP_PSH) != ap[33] ||
+                memcmp(q + 34, ap + 34, 2) || memcmp(q + 38, ap + 38, 2 + thl - 20))
+                break;
+            if ((c == 1 && !tcp_valid(e, a)) || !tcp_valid(e, b))
+                break;
+            total += blen;
+            seq += blen;
+            c++;
+            if (blen < mss || (q[33] & TCP_PSH))
+                break;
+        }
+    }
+    int w = 0;
+    if (c == 1) {
+        if (e->vnet) {
+            v->wiov[w].iov_base = (void *)zero_vnet;
+            v->wiov[w++].iov_len = VNET_LEN;
+        }
+        v->wiov[w].iov_base = a->p;
+        v->wiov[w++].iov_len = alen;
+        *niov = w;
+        *bytes = alen;
+        return 1;
+    }
+    /* one GSO_TCPV4 packet: the first segment's headers (length, PSH of the last, checksum field
+     * = pseudo-header sum for the kernel to complete), then every segment's payload */
+    const pkt *last = &v->pk[v->ready[h + c - 1]];
+    uint8_t *s = v->shdr;
+    memcpy(s, a->p, hl);
+    put16(s + 2, total);
+    put16(s + 10, 0);
+    put16(s + 10, csum(s, 20));
+    s[33] |= last->p[33] & TCP_PSH;
+    put16(s + 36, csum_fold(pseudo_sum(s, total - 20)));
+    uint8_t *vh = v->vhdr;
+    vh[0] = VNET_F_NEEDS_CSUM;
+    vh[1] = VNET_GSO_TCPV4;
+    hput16(vh + 2, (uint16_t)hl);
+    hput16(vh + 4, (uint16_t)mss);
+    hput16(vh + 6, 20);
+    hput16(vh + 8, 16);
+    v->wiov[w].iov_base = vh;
+    v->wiov[w++].iov_len = VNET_LEN;
+    v->wiov[w].iov_base = s;
+    v->wiov[w++].iov_len = hl;
+    uint64_t sum = 0;
+    for (int j = 0; j < c; j++) {
+        const pkt *b = &v->pk[v->ready[h + j]];
+        v->wiov[w].iov_base = b->p + hl;
+        v->wiov[w++].iov_len = b->hlen - hl;
+        sum += b->hlen;
+    }
+    *niov = w;
+    *bytes = sum;
+    return c;
+}
+
+/* Write ready[head..] into the TUN; sets rx_stalled on EAGAIN. */
+static void write_rx(Engine *e, int was_stalled)
+{
+    rxvec *v = e->rx;
     while (v->head < v->nready) {
-        int i = v->ready[v->head];
-        ssize_t r = write(e->tun_fd, v->buf[i], v->len[i]);
+        int niov;
+        uint64_t bytes;
+        int c = build_write(e, v, &niov, &bytes);
+        ssize_t r = writev(e->tun_fd, v->wiov, niov);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -648,28 +1190,60 @@ static void write_rx(Engine *e)
                     CTR(e, tun_tx_stalls, 1);
                 return;
             }
+            if (c > 1) { /* the TUN refused a GSO packet: write one by one from now on */
+                off_set(e, O_tun_gso, 0);
+                off_set(e, O_tun_gso_errno, (uint64_t)errno);
+                OFF(e, tun_gso_errors, 1);
+                continue;
+            }
             CTR(e, tun_tx_errors, 1);
         } else {
-            CTR(e, tun_tx_packets, 1);
-            CTR(e, tun_tx_bytes, v->len[i]);
+            CTR(e, tun_tx_packets, (uint64_t)c);
+            CTR(e, tun_tx_bytes, bytes);
+            if (c > 1) {
+                OFF(e, tun_gso_writes, 1);
+                OFF(e, tun_gso_segments, (uint64_t)c);
+            }
         }
-        v->head++;
+        v->head += c;
     }
     v->nready = v->head = 0;
+}
+
+/* Write what is pending, then split, check and write the rest of the received messages. */
+static void rx_process(Engine *e)
+{
+    rxvec *v = e->rx;
+    int was_stalled = e->rx_stalled;
+    e->rx_stalled = 0;
+    for (;;) {
+        if (v->head < v->nready) {
+            write_rx(e, was_stalled);
+            if (e->rx_stalled)
+                return;
+        }
+        if (v->next_msg >= v->nmsg)
+            break;
+        rx_split(e, v);
+        classify_rx(e, v);
+    }
+    v->nmsg = v->next_msg = 0;
+    v->next_off = 0;
 }
 
 /* One UDP batch; 1 if the socket may hold more right now. */
 static int udp_batch(Engine *e)
 {
-    pktvec *v = e->rx;
+    rxvec *v = e->rx;
+    int gro = OFF_ON(e, udp_gro);
     for (int i = 0; i < BATCH; i++) {
         struct msghdr *h = &v->msg[i].msg_hdr;
         h->msg_name = &v->addr[i];
         h->msg_namelen = sizeof v->addr[i];
-        h->msg_iov = &v->iov[i];
+        h->msg_iov = &v->riov[i];
         h->msg_iovlen = 1;
-        h->msg_control = NULL;
-        h->msg_controllen = 0;
+        h->msg_control = gro ? v->ctl[i].buf : NULL;
+        h->msg_controllen = gro ? sizeof v->ctl[i].buf : 0;
         h->msg_flags = 0;
         v->addr[i].sin_family = AF_UNSPEC;
     }
@@ -683,9 +1257,10 @@ static int udp_batch(Engine *e)
         return 0;
     }
     CTR(e, udp_rx_batches, 1);
-    v->n = r;
-    classify_rx(e, v);
-    write_rx(e);
+    v->nmsg = r;
+    v->next_msg = 0;
+    v->next_off = 0;
+    rx_process(e);
     return r == BATCH && !e->rx_stalled;
 }
 
@@ -732,7 +1307,7 @@ static void *engine_main(void *arg)
             CTR(e, udp_rx_errors, 1);
         }
         if (e->rx_stalled && (p[1].revents & POLLOUT))
-            write_rx(e);
+            rx_process(e);
         if (e->tx_stalled && (p[2].revents & POLLOUT))
             send_tx(e);
         int tun_more = !e->tx_stalled && (p[1].revents & POLLIN);
@@ -752,6 +1327,7 @@ out:
     __atomic_store_n(&e->exited, 1, __ATOMIC_RELEASE);
     return NULL;
 }
+
 
 /* ---- Python glue ------------------------------------------------------------------------------ */
 
@@ -810,7 +1386,8 @@ static void free_vectors(Engine *e)
     free(e->tx);
     free(e->rx);
     e->mem = NULL;
-    e->tx = e->rx = NULL;
+    e->tx = NULL;
+    e->rx = NULL;
 }
 
 static void engine_shutdown(Engine *e)
@@ -824,21 +1401,31 @@ static void engine_shutdown(Engine *e)
         pthread_join(e->thread, NULL);
         Py_END_ALLOW_THREADS
         free_vectors(e);
+        if (e->gro_set) { /* the socket is the caller's: leave it as it was given */
+            int zero = 0;
+            setsockopt(e->udp_fd, SOL_UDP, UDP_GRO, &zero, sizeof zero);
+            e->gro_set = 0;
+        }
     }
     e->state = ST_STOPPED;
 }
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"tun_fd", "udp_fd", "local_net", "local_prefixlen", "local_addr",
-                             "port",   "mtu",    NULL};
-    int tun_fd, udp_fd, port, mtu;
+    static char *kwlist[] = {"tun_fd",  "udp_fd",  "local_net", "local_prefixlen",
+                             "local_addr", "port", "mtu", "vnet_hdr", "udp_gso", "udp_gro",
+                             "tun_gso", NULL};
+    int tun_fd, udp_fd, port, mtu, vnet = 0, gso = 0, gro = 0, tun_gso = 0;
     uint32_t net, addr;
     unsigned plen;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiO&O&O&ii:Engine", kwlist, &tun_fd, &udp_fd,
-                                     conv_u32, &net, conv_plen, &plen, conv_u32, &addr, &port,
-                                     &mtu))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiO&O&O&ii|$pppp:Engine", kwlist, &tun_fd,
+                                     &udp_fd, conv_u32, &net, conv_plen, &plen, conv_u32, &addr,
+                                     &port, &mtu, &vnet, &gso, &gro, &tun_gso))
         return NULL;
+    if (tun_gso && !vnet) {
+        PyErr_SetString(PyExc_ValueError, "tun_gso needs a TUN fd opened with vnet_hdr");
+        return NULL;
+    }
     int fds[2] = {tun_fd, udp_fd};
     const char *names[2] = {"tun_fd", "udp_fd"};
     for (int i = 0; i < 2; i++) {
@@ -872,6 +1459,11 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     e->local_addr = addr;
     e->port = (uint16_t)port;
     e->mtu = (uint32_t)mtu;
+    e->vnet = vnet;
+    e->want_gso = gso;
+    e->want_gro = gro;
+    e->want_tun_gso = tun_gso;
+    e->off[O_vnet_hdr] = (uint64_t)vnet;
     e->state = ST_NEW;
     if (rt_init(&e->rt) < 0) {
         Py_DECREF(e);
@@ -907,7 +1499,8 @@ static PyObject *Engine_start(Engine *e, PyObject *Py_UNUSED(ignored))
                                                 : "engine cannot start: it is stopped");
         return NULL;
     }
-    e->memlen = (size_t)2 * BATCH * BUFSZ;
+    size_t txlen = (size_t)BATCH * RBUF_STRIDE, rxlen = (size_t)BATCH * BUFSZ;
+    e->memlen = txlen + rxlen + (size_t)PKTCAP * HDRSLOT;
     e->mem = mmap(NULL, e->memlen, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (e->mem == MAP_FAILED) {
@@ -922,11 +1515,20 @@ static PyObject *Engine_start(Engine *e, PyObject *Py_UNUSED(ignored))
     }
     uint8_t *m = e->mem;
     for (int i = 0; i < BATCH; i++) {
-        e->tx->buf[i] = m + (size_t)i * BUFSZ;
-        e->rx->buf[i] = m + (size_t)(BATCH + i) * BUFSZ;
-        e->rx->iov[i].iov_base = e->rx->buf[i];
-        e->rx->iov[i].iov_len = BUFSZ;
+        e->tx->rbuf[i] = m + (size_t)i * RBUF_STRIDE;
+        e->rx->buf[i] = m + txlen + (size_t)i * BUFSZ;
+        e->rx->riov[i].iov_base = e->rx->buf[i];
+        e->rx->riov[i].iov_len = BUFSZ;
     }
+    e->tx->hdrs = m + txlen + rxlen;
+    /* probe what was asked for: UDP_SEGMENT known to this kernel, UDP_GRO accepted */
+    int one = 1, val = 0;
+    socklen_t vlen = sizeof val;
+    e->off[O_udp_gso] =
+        (uint64_t)(e->want_gso && getsockopt(e->udp_fd, SOL_UDP, UDP_SEGMENT, &val, &vlen) == 0);
+    e->gro_set = e->want_gro && setsockopt(e->udp_fd, SOL_UDP, UDP_GRO, &one, sizeof one) == 0;
+    e->off[O_udp_gro] = (uint64_t)e->gro_set;
+    e->off[O_tun_gso] = (uint64_t)e->want_tun_gso;
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread inherits: signals stay Python's */
@@ -934,6 +1536,11 @@ static PyObject *Engine_start(Engine *e, PyObject *Py_UNUSED(ignored))
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc) {
         free_vectors(e);
+        if (e->gro_set) {
+            int zero = 0;
+            setsockopt(e->udp_fd, SOL_UDP, UDP_GRO, &zero, sizeof zero);
+            e->gro_set = 0;
+        }
         errno = rc;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -1004,6 +1611,23 @@ static PyObject *Engine_stats(Engine *e, PyObject *Py_UNUSED(ignored))
     return d;
 }
 
+static PyObject *Engine_offloads(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    for (int i = 0; i < N_OFF; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(__atomic_load_n(&e->off[i], __ATOMIC_RELAXED));
+        if (!v || PyDict_SetItemString(d, off_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
 static PyObject *Engine_alive(Engine *e, PyObject *Py_UNUSED(ignored))
 {
     return PyBool_FromLong(e->state == ST_RUNNING &&
@@ -1028,6 +1652,9 @@ static PyMethodDef Engine_methods[] = {
     {"del_route", (PyCFunction)Engine_del_route, METH_VARARGS,
      "del_route(net, prefixlen): remove a route (no-op when absent)."},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters as a dict."},
+    {"offloads", (PyCFunction)Engine_offloads, METH_NOARGS,
+     "Offload state (vnet_hdr, udp_gso, udp_gro, tun_gso: 0/1, as in effect now) and offload "
+     "counters, as a dict."},
     {"alive", (PyCFunction)Engine_alive, METH_NOARGS, "Whether the loop thread is running."},
     {"error", (PyCFunction)Engine_error, METH_NOARGS,
      "Why the loop stopped on its own, or None."},
@@ -1038,12 +1665,12 @@ static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "flanneld_py._engine.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine(tun_fd, udp_fd, local_net, local_prefixlen, local_addr, port, mtu)",
+    .tp_doc = "Engine(tun_fd, udp_fd, local_net, local_prefixlen, local_addr, port, mtu, *, "
+              "vnet_hdr=False, udp_gso=False, udp_gro=False, tun_gso=False)",
     .tp_new = Engine_new,
     .tp_dealloc = (destructor)Engine_dealloc,
     .tp_methods = Engine_methods,
 };
-
 /* ---- RouteTable: the loop's table, exported so tests can hold it against routes.py ------------ */
 
 typedef struct {
@@ -1131,7 +1758,6 @@ static PyTypeObject RouteTableType = {
     .tp_as_sequence = &RouteTable_as_sequence,
 };
 
-/* ---- module ----------------------------------------------------------------------------------- */
 
 static struct PyModuleDef engine_module = {
     PyModuleDef_HEAD_INIT,
@@ -1172,8 +1798,25 @@ PyMODINIT_FUNC PyInit__engine(void)
         Py_DECREF(&RouteTableType);
         goto fail;
     }
+    PyObject *onames = PyTuple_New(N_OFF);
+    if (!onames)
+        goto fail;
+    for (int i = 0; i < N_OFF; i++) {
+        PyObject *s = PyUnicode_FromString(off_names[i]);
+        if (!s) {
+            Py_DECREF(onames);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(onames, i, s);
+    }
+    if (PyModule_AddObject(m, "OFFLOAD_COUNTERS", onames) < 0) {
+        Py_DECREF(onames);
+        goto fail;
+    }
     if (PyModule_AddIntConstant(m, "BATCH", BATCH) < 0 ||
-        PyModule_AddIntConstant(m, "BUFFER_SIZE", BUFSZ) < 0)
+        PyModule_AddIntConstant(m, "BUFFER_SIZE", BUFSZ) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_SEGMENTS", MAX_SEGS) < 0 ||
+        PyModule_AddIntConstant(m, "VNET_HDR_LEN", VNET_LEN) < 0)
         goto fail;
     return m;
 fail:

@@ -11,9 +11,22 @@ BATCH: Final[int]
 BUFFER_SIZE: Final[int]
 #: Counter names, the keys of ``Engine.stats()`` (same as ``pyengine.COUNTERS``).
 COUNTERS: Final[tuple[str, ...]]
+#: Keys of ``Engine.offloads()``: state flags ``vnet_hdr``, ``udp_gso``, ``udp_gro``, ``tun_gso``
+#: (0/1, as in effect now), then offload counters (``gso_errno``/``tun_gso_errno``: the errno that
+#: turned that offload off, else 0).
+OFFLOAD_COUNTERS: Final[tuple[str, ...]]
+#: Most packets per UDP GSO send and per coalesced TUN write.
+MAX_SEGMENTS: Final[int]
+#: Bytes of the virtio_net_hdr in front of every TUN read/write when ``vnet_hdr``.
+VNET_HDR_LEN: Final[int]
 
 class Engine:
-    """The loop in a native thread; it owns its route table (commands over a socketpair)."""
+    """The loop in a native thread; it owns its route table (commands over a socketpair).
+
+    ``vnet_hdr``: the TUN fd was opened with ``IFF_VNET_HDR`` (TSO/CSUM reads are handled);
+    ``udp_gso``/``udp_gro``: use them if the kernel accepts (probed in ``start()``, GRO is set on
+    the socket there and cleared at ``stop()``); ``tun_gso``: coalesced writes (needs vnet_hdr).
+    """
 
     def __init__(
         self,
@@ -24,12 +37,18 @@ class Engine:
         local_addr: int,
         port: int,
         mtu: int,
+        *,
+        vnet_hdr: bool = False,
+        udp_gso: bool = False,
+        udp_gro: bool = False,
+        tun_gso: bool = False,
     ) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def set_route(self, net: int, prefixlen: int, peer: int, /) -> None: ...
     def del_route(self, net: int, prefixlen: int, /) -> None: ...
     def stats(self) -> dict[str, int]: ...
+    def offloads(self) -> dict[str, int]: ...
     def alive(self) -> bool: ...
     def error(self) -> str | None: ...
 

@@ -122,6 +122,8 @@ FLAGS: tuple[Flag, ...] = (
          choices=("uvloop", "asyncio")),
     Flag("engine", "choice", "packet engine (auto = C extension if built, else Python)", "ENGINE",
          choices=("auto", "c", "python")),
+    Flag("offload", "choice", "segmentation offloads of the C engine (TUN TSO, UDP GSO/GRO): "
+         "auto = what the kernel accepts, off = none", "MODE", choices=("auto", "off")),
     Flag("tun-name", "str", "name of the TUN device", "NAME"),
     Flag("log-level", "choice", "log threshold", "LEVEL",
          choices=("debug", "info", "warning", "error")),

@@ -6,12 +6,21 @@ An engine moves packets between a TUN fd (``IFF_TUN | IFF_NO_PI``: one bare IP p
 write) and a UDP socket fd bound to ``<public ip>:<port>``. Both fds are given non-blocking and stay
 the caller's: the engine never closes them. See ``pyengine.py`` for the exact per-packet rules and
 ``_engine.c`` for the C loop; both keep the same counters (``COUNTERS``).
+
+Segmentation offloads (C engine only, ``offload="auto"``): the TUN opened with ``IFF_VNET_HDR``
+(see :func:`wants_vnet_hdr`; then every read/write carries a virtio_net_hdr) hands over TCP
+super-packets that the engine cuts into MSS segments; UDP GSO sends runs of them in one syscall;
+UDP GRO receives several datagrams per read, and in-order segments of one TCP flow are written into
+the TUN as one GSO packet. The wire format stays one bare inner IPv4 packet per UDP datagram, so
+peers without offloads (``--offload off``, the Python engine, real flanneld) interoperate. Whatever
+the kernel does not accept is off (probed at start; a refused GSO send turns GSO off at runtime).
+``offload_status()`` tells what is active.
 """
 
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
-from typing import Protocol
+from typing import Any, Protocol
 
 from flanneld_py.pyengine import COUNTERS, DIAGNOSTIC_COUNTERS, PyEngine
 
@@ -26,15 +35,23 @@ __all__ = [
     "COUNTERS",
     "DIAGNOSTIC_COUNTERS",
     "KINDS",
+    "OFFLOAD_MODES",
     "CEngine",
     "Engine",
     "EngineError",
     "EngineUnavailable",
     "c_engine_available",
     "make_engine",
+    "offload_status",
+    "resolve_kind",
+    "wants_vnet_hdr",
 ]
 
 KINDS = ("auto", "c", "python")
+#: ``--offload``: "auto" = every segmentation offload the kernel accepts (C engine), "off" = none
+OFFLOAD_MODES = ("auto", "off")
+#: C engine offload state flags (``_engine.Engine.offloads()``), in the order they are listed
+_STATE_FLAGS = ("udp_gso", "udp_gro", "tun_gso")
 
 
 class EngineError(Exception):
@@ -81,6 +98,19 @@ def c_engine_available() -> bool:
     return _ENGINE_IMPORT_ERROR is None
 
 
+def resolve_kind(kind: str) -> str:
+    """The engine ``make_engine(kind)`` builds: "c" or "python" (``kind`` is assumed valid)."""
+    if kind == "python" or (kind == "auto" and _ENGINE_IMPORT_ERROR is not None):
+        return "python"
+    return "c"
+
+
+def wants_vnet_hdr(kind: str, offload: str) -> bool:
+    """Whether the TUN for this engine should be opened with ``IFF_VNET_HDR`` (and TSO probed):
+    only the C engine with offloads on. The Python engine always gets a plain TUN."""
+    return offload == "auto" and kind in KINDS and resolve_kind(kind) == "c"
+
+
 class CEngine:
     """The C engine (``_engine.Engine``): a native thread that owns its route table.
 
@@ -99,9 +129,13 @@ class CEngine:
         local_addr: IPv4Address,
         port: int,
         mtu: int,
+        offload: str = "off",
+        vnet_hdr: bool = False,
+        tun_offloads: frozenset[str] = frozenset(),
     ) -> None:
         if _ENGINE_IMPORT_ERROR is not None:
             raise EngineUnavailable(_unavailable_message())
+        on = offload == "auto"
         self._engine = _engine.Engine(
             tun_fd=tun_fd,
             udp_fd=udp_fd,
@@ -110,7 +144,13 @@ class CEngine:
             local_addr=int(local_addr),
             port=port,
             mtu=mtu,
+            vnet_hdr=vnet_hdr,
+            udp_gso=on,
+            udp_gro=on,
+            tun_gso=on and vnet_hdr,
         )
+        self._vnet_hdr = vnet_hdr
+        self._tun_offloads = frozenset(tun_offloads) if vnet_hdr else frozenset()
         self._routes: dict[IPv4Network, IPv4Address] = {}
 
     def start(self) -> None:
@@ -129,6 +169,25 @@ class CEngine:
 
     def stats(self) -> dict[str, int]:
         return self._engine.stats()
+
+    def offloads(self) -> dict[str, int]:
+        """The C engine's offload state (0/1 as in effect now) and offload counters."""
+        return self._engine.offloads()
+
+    def offload_status(self) -> dict[str, Any]:
+        """What :func:`offload_status` reports for this engine."""
+        raw = self._engine.offloads()
+        active: list[str] = []
+        if self._vnet_hdr:
+            active += [f"tun_{name}" for name in ("csum", "tso4", "tso6", "tso_ecn")
+                       if name in self._tun_offloads]  # fmt: skip
+        active += [name for name in _STATE_FLAGS if raw[name]]
+        return {
+            "active": active,
+            "vnet_hdr": bool(raw["vnet_hdr"]),
+            "tun_offloads": sorted(self._tun_offloads),
+            "counters": {k: v for k, v in raw.items() if k not in (*_STATE_FLAGS, "vnet_hdr")},
+        }
 
     def alive(self) -> bool:
         return self._engine.alive()
@@ -156,6 +215,9 @@ def make_engine(
     local_addr: IPv4Address,
     port: int,
     mtu: int,
+    offload: str = "off",
+    vnet_hdr: bool = False,
+    tun_offloads: frozenset[str] = frozenset(),
 ) -> Engine:
     """An engine of ``kind``: "auto" (C if built, else Python), "c" or "python".
 
@@ -166,11 +228,20 @@ def make_engine(
     ``port`` is every host's UDP port, ``mtu`` the TUN's (larger inbound packets are delivered and
     counted as ``rx_oversize``).
 
+    ``offload``: "auto" lets the C engine use UDP GSO/GRO and, when ``vnet_hdr`` (the TUN fd was
+    opened with ``IFF_VNET_HDR``; ``tun_offloads`` = what ``tun.probe_offloads`` enabled on it),
+    TSO reads and coalesced GSO writes; "off" = the plain batched loop. The Python engine never
+    uses offloads and cannot take a ``vnet_hdr`` TUN (``wants_vnet_hdr`` says how to open it).
+
     Raises ``EngineUnavailable`` for "c" when the extension is not built and ``EngineError`` for
-    a bad kind, port or MTU (each with a one-line message).
+    a bad kind, offload mode, port or MTU (each with a one-line message).
     """
     if kind not in KINDS:
         raise EngineError(f"unknown engine {kind!r}: choose one of {', '.join(KINDS)}")
+    if offload not in OFFLOAD_MODES:
+        raise EngineError(
+            f"unknown offload mode {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}"
+        )
     if not 1 <= port <= 65535:
         raise EngineError(f"UDP port {port} is not in 1..65535")
     if not 68 <= mtu <= 65535:
@@ -178,6 +249,11 @@ def make_engine(
     if kind == "c" and _ENGINE_IMPORT_ERROR is not None:
         raise EngineUnavailable(_unavailable_message())
     if kind == "python" or _ENGINE_IMPORT_ERROR is not None:
+        if vnet_hdr:
+            raise EngineError(
+                "the Python engine cannot use a TUN opened with a virtio header (vnet_hdr): "
+                "open it without, or use --engine c"
+            )
         return PyEngine(
             tun_fd=tun_fd,
             udp_fd=udp_fd,
@@ -193,4 +269,17 @@ def make_engine(
         local_addr=local_addr,
         port=port,
         mtu=mtu,
+        offload=offload,
+        vnet_hdr=vnet_hdr,
+        tun_offloads=tun_offloads,
     )
+
+
+def offload_status(engine: Engine) -> dict[str, Any]:
+    """Which segmentation offloads ``engine`` uses now, for logs and ``/status``:
+    ``{"active": [...], "vnet_hdr": bool, "tun_offloads": [...], "counters": {...}}``.
+    ``active`` names ``tun_csum``/``tun_tso4``/``tun_tso6``/``tun_tso_ecn`` (what the TUN hands
+    over), ``udp_gso``, ``udp_gro``, ``tun_gso`` (coalesced writes); the Python engine: none."""
+    if isinstance(engine, CEngine):
+        return engine.offload_status()
+    return {"active": [], "vnet_hdr": False, "tun_offloads": [], "counters": {}}

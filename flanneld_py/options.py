@@ -17,11 +17,13 @@ __all__ = [
     "Engine",
     "EventLoop",
     "LogLevel",
+    "Offload",
     "Options",
 ]
 
 EventLoop = Literal["uvloop", "asyncio"]
 Engine = Literal["auto", "c", "python"]
+Offload = Literal["auto", "off"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 DEFAULT_ETCD_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
@@ -78,6 +80,9 @@ class Options:
     event_loop: EventLoop = "uvloop"
     #: packet engine: "c" = the C extension, "python" = the pure-Python path, "auto" = C if built.
     engine: Engine = "auto"
+    #: segmentation offloads of the C engine (TUN TSO/checksum, UDP GSO/GRO, coalesced TUN
+    #: writes): "auto" = whatever the kernel accepts, "off" = none. The Python engine has none.
+    offload: Offload = "auto"
     #: name of the TUN device (at most 15 bytes).
     tun_name: str = "flannel0"
     #: log threshold.

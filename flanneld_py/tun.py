@@ -13,6 +13,8 @@ import os
 import struct
 
 __all__ = [
+    "DEFAULT_OFFLOADS",
+    "ENGINE_OFFLOADS",
     "IFF_MULTI_QUEUE",
     "IFF_NO_PI",
     "IFF_TUN",
@@ -25,6 +27,7 @@ __all__ = [
     "set_offloads",
     "tun_features",
     "tun_flags",
+    "vnet_hdr_supported",
 ]
 
 # <linux/if_tun.h>
@@ -41,6 +44,7 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
 TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
 
@@ -49,9 +53,16 @@ OFFLOAD_FLAGS: dict[str, int] = {
     "csum": TUN_F_CSUM,
     "tso4": TUN_F_TSO4,
     "tso6": TUN_F_TSO6,
+    "tso_ecn": TUN_F_TSO_ECN,
     "uso4": TUN_F_USO4,
     "uso6": TUN_F_USO6,
 }
+
+#: what :func:`probe_offloads` tries when not told
+DEFAULT_OFFLOADS = frozenset({"csum", "tso4", "tso6", "uso4", "uso6"})
+#: what the C engine handles: checksum completion and TCP super-packets (also with CWR); no USO,
+#: it does not split UDP super-packets
+ENGINE_OFFLOADS = frozenset({"csum", "tso4", "tso6", "tso_ecn"})
 
 #: size of struct virtio_net_hdr in front of every packet when IFF_VNET_HDR is on
 VNET_HDR_LEN = 10
@@ -138,15 +149,14 @@ def set_offloads(fd: int, flags: int) -> None:
     fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
 
 
-def probe_offloads(
-    fd: int, want: frozenset[str] | set[str] = frozenset(OFFLOAD_FLAGS)
-) -> frozenset[str]:
+def probe_offloads(fd: int, want: frozenset[str] | set[str] = DEFAULT_OFFLOADS) -> frozenset[str]:
     """Enable as many of the wanted offloads as the kernel accepts; return the enabled names.
 
     Only meaningful on an fd opened with ``vnet_hdr=True`` (the kernel hands over unsegmented
     super-packets described by the virtio header); without it nothing is enabled. Tries, from
-    richest to poorest: csum+tso4+tso6+uso4+uso6, csum+tso4+tso6, csum, none. ``uso4``/``uso6``
-    only work together (the kernel rejects one alone), ``tso*`` and ``uso*`` need ``csum``.
+    richest to poorest: csum+tso4+tso6(+tso_ecn)+uso4+uso6, csum+tso4+tso6(+tso_ecn),
+    csum+tso4+tso6, csum, none. ``uso4``/``uso6`` only work together (the kernel rejects one
+    alone), ``tso*`` and ``uso*`` need ``csum``; ``tso_ecn`` only with some ``tso*``.
     Never raises: any failure means "fewer offloads".
     """
     try:
@@ -156,11 +166,12 @@ def probe_offloads(
         return frozenset()
     want = frozenset(want) & frozenset(OFFLOAD_FLAGS)
     tso = want & {"tso4", "tso6"}
+    ecn = want & {"tso_ecn"} if tso else set()
     uso = {"uso4", "uso6"} if {"uso4", "uso6"} <= want else set()
     candidates: list[frozenset[str]] = []
     if "csum" in want:
-        candidates += [frozenset({"csum"} | tso | uso), frozenset({"csum"} | tso)]
-        candidates.append(frozenset({"csum"}))
+        candidates += [frozenset({"csum"} | tso | ecn | uso), frozenset({"csum"} | tso | ecn)]
+        candidates += [frozenset({"csum"} | tso), frozenset({"csum"})]
     candidates.append(frozenset())
     seen: set[frozenset[str]] = set()
     for names in candidates:
@@ -176,6 +187,21 @@ def probe_offloads(
             continue
         return names
     return frozenset()
+
+
+def vnet_hdr_supported() -> bool:
+    """Whether this kernel's TUN driver offers ``IFF_VNET_HDR`` (TUNGETFEATURES on a fresh fd of
+    ``TUN_PATH``). Never raises: False when it cannot tell (then open the TUN without it)."""
+    try:
+        fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return bool(tun_features(fd) & IFF_VNET_HDR)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def tun_features(fd: int) -> int:

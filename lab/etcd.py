@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,6 +75,8 @@ class TlsFiles:
 
 
 def _openssl(*args: str, cwd: Path) -> None:
+    if shutil.which("openssl") is None:
+        raise EtcdLabError("make_tls needs the openssl binary (apt-get install openssl)")
     proc = subprocess.run(
         ["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
     )

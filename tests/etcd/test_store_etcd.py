@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 import flanneld_py.store.etcd as etcd_mod
@@ -64,6 +65,50 @@ def test_settings_validation(tmp_path: Any) -> None:
     EtcdSettings(["10.0.0.1:2379", "http://[::1]:2379", "https://etcd.example"])
     with pytest.raises(StoreError, match="cannot read --etcd-cafile"):
         EtcdStore(EtcdSettings(["https://h:1"], cafile=str(tmp_path / "missing.pem")))
+
+
+def test_error_classification() -> None:
+    """grpc statuses seen against etcd 3.4 / grpcio 1.85, and what the store makes of them:
+    retry on another member (connect), retry shortly (transient), re-authenticate (token), or
+    stop (fatal; config = TLS, fatal once no member is left)."""
+    code = grpc.StatusCode
+    ep = etcd_mod._parse_endpoint("https://10.0.0.1:2379", tls=False)
+    cases = [
+        (code.UNAVAILABLE, "failed to connect to all addresses; last error: UNKNOWN: "
+         "ipv4:10.0.0.1:2379: Failed to connect to remote host: Connection refused",
+         "connect", "connection refused"),
+        (code.UNAVAILABLE, "Stream removed (Socket closed)", "connect", "connection lost"),
+        (code.UNAVAILABLE, "Socket closed (GOAWAY received; Error code: 0; Debug Text: )",
+         "connect", "connection lost"),
+        (code.INTERNAL, "Internal error from Core", "connect", "connection failed"),
+        (code.UNKNOWN, "", "connect", "connection failed"),
+        (code.DEADLINE_EXCEEDED, "Deadline Exceeded", "connect", "no answer within 3s"),
+        (code.UNAVAILABLE, "errors resolving etcd.example:2379: [field:hostname lookup error:"
+         "Domain name not found]", "connect", "cannot resolve host '10.0.0.1'"),
+        (code.UNAVAILABLE, "failed to connect to all addresses; last error: UNAVAILABLE: "
+         "ipv4:10.0.0.1:2379: Unwrap failed (TSI_DATA_CORRUPTED)",
+         "config", "rejected our client certificate"),
+        (code.UNAVAILABLE, "failed to connect to all addresses; last error: UNKNOWN: "
+         "ipv4:10.0.0.1:2379: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: "
+         "error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get "
+         "local issuer certificate: OK", "config", "(unable to get local issuer certificate)"),
+        (code.UNAVAILABLE, "etcdserver: no leader", "transient", "no leader"),
+        (code.UNAVAILABLE, "etcdserver: leader changed", "transient", "leader changed"),
+        (code.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded", "transient",
+         "NOSPACE"),
+        (code.UNAUTHENTICATED, "etcdserver: invalid auth token", "token", "invalid auth token"),
+        (code.INVALID_ARGUMENT, "etcdserver: user name is empty", "token",
+         "set --etcd-username and --etcd-password"),
+        (code.INVALID_ARGUMENT, "etcdserver: authentication failed, invalid user ID or password",
+         "fatal", "etcd rejected username/password: authentication failed"),
+        (code.PERMISSION_DENIED, "etcdserver: permission denied", "fatal", "etcd denied access"),
+        (code.NOT_FOUND, "etcdserver: requested lease not found", "fatal", "lease not found"),
+        (code.UNIMPLEMENTED, "", "fatal", "does not speak etcd's v3 API"),
+    ]  # fmt: skip
+    for status, details, kind, text in cases:
+        f = etcd_mod._classify(status, details, ep, 3.0)
+        assert (f.kind, text in f.text) == (kind, True), (status, details, f.kind, f.text)
+        assert "\n" not in f.text
 
 
 # ------------------------------------------------------------------------------------------
