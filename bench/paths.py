@@ -27,13 +27,14 @@ __all__ = [
     "build",
 ]
 
-PATHS = ("underlay", "host-gw", "vxlan", "flanneld-c", "flanneld-python")
+PATHS = ("underlay", "host-gw", "vxlan", "flanneld-c", "flanneld-c-batched", "flanneld-python")
 REFERENCE = "vxlan"
 PATH_TITLES = {
     "underlay": "bare underlay, host to host, no overlay",
     "host-gw": "plain routes (host-gw)",
     "vxlan": "kernel VXLAN (the reference)",
-    "flanneld-c": "flanneld-py UDP backend, C engine",
+    "flanneld-c": "flanneld-py UDP backend, C engine (segmentation offloads: --offload auto)",
+    "flanneld-c-batched": "flanneld-py UDP backend, C engine, batched only (--offload off)",
     "flanneld-python": "flanneld-py UDP backend, pure-Python engine",
 }
 
@@ -209,6 +210,7 @@ def _flanneld(
     engine: str,
     logs: Path,
     start_timeout: float,
+    extra_args: tuple[str, ...] = (),
 ) -> None:
     topo = _topology(lab, mtu, offloads, bp.info)
     cl: FlannelCluster | None = None
@@ -225,6 +227,7 @@ def _flanneld(
         topology=topo,
         config=DEFAULT_CONFIG,
         engines=[engine, engine],
+        extra_args=list(extra_args),
         healthz=False,  # ready = subnet file written; nothing polls the daemons while measuring
         docker_opts=False,
         log_paths=[logs / f"{bp.name}-host{tag}-flanneld.log" for tag in ("A", "B")],
@@ -270,6 +273,8 @@ def build(
         elif name in ("flanneld-c", "flanneld-python"):
             engine = name.split("-", 1)[1]
             _flanneld(lab, bp, mtu, offloads, engine, logs, start_timeout)
+        elif name == "flanneld-c-batched":
+            _flanneld(lab, bp, mtu, offloads, "c", logs, start_timeout, ("--offload", "off"))
         else:
             raise LabError(f"unknown path {name!r}")
         assert bp.client is not None

@@ -37,7 +37,7 @@ def run(coro: Awaitable[Any]) -> Any:
 
 
 def store_for(endpoints: list[str]) -> EtcdStore:
-    return EtcdStore(EtcdSettings(endpoints=endpoints, timeout=3.0))
+    return EtcdStore(EtcdSettings(endpoints=endpoints, timeout=10.0))
 
 
 async def agent(store: LeaseStore, i: int, **kw: Any) -> SubnetManager:
