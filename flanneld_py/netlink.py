@@ -37,8 +37,6 @@ __all__ = [
     "delete_link",
     "delete_route",
     "find_external_interface",
-    "link_exists",
-    "link_index",
     "link_mtu",
     "replace_route",
     "route_get",
@@ -161,16 +159,6 @@ def _snapshot(ipr: Any) -> list[_Link]:
 
 # ---------------------------------------------------------------------------------------------
 # links
-
-
-def link_index(name: str) -> int:
-    with _ipr(f"cannot look up interface {name}") as ipr:
-        return _index(ipr, name)
-
-
-def link_exists(name: str) -> bool:
-    with _ipr(f"cannot look up interface {name}") as ipr:
-        return bool(ipr.link_lookup(ifname=name))
 
 
 def link_mtu(name: str) -> int:
