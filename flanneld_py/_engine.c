@@ -40,6 +40,10 @@
  *                               (checksums verified) go as one GSO_TCPV4 super-packet
  *                               (NEEDS_CSUM, pseudo-header sum in the checksum field)
  *
+ * ICMP errors (into the TUN, or time exceeded back to a peer) are rate-limited like the kernel's:
+ * one token bucket (ICMP_MSGS_BURST, ICMP_MSGS_PER_SEC) for all of them; without a token the error
+ * is not sent and counted as icmp_ratelimited (the offending packet is dropped all the same).
+ *
  * Batches never wait to fill: whatever one drain pass found is processed and sent at once. If the
  * UDP socket (or the TUN) answers EAGAIN, the rest of that vector is kept ("stalled"), the loop
  * polls for POLLOUT and stops reading the other fd meanwhile (backpressure instead of drops).
@@ -68,6 +72,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef SOL_UDP
@@ -92,6 +97,12 @@
 #define MAX_SEGS 64            /* packets per UDP GSO send and per coalesced TUN write */
 #define GSO_MAX_BYTES 65507    /* UDP payload of one send: 65535 - IPv4 header - UDP header */
 #define SUPER_MAX 65535        /* IPv4 total length of a coalesced packet */
+
+/* ICMP error rate limit, modelled on the kernel's global ICMP limiter (icmp_global_allow): a token
+ * bucket of net.ipv4.icmp_msgs_burst tokens refilled at net.ipv4.icmp_msgs_per_sec (their
+ * defaults, below), shared by every ICMP error the engine sends (pyengine.py: the same numbers). */
+#define ICMP_MSGS_BURST 50     /* net.ipv4.icmp_msgs_burst */
+#define ICMP_MSGS_PER_SEC 1000 /* net.ipv4.icmp_msgs_per_sec */
 
 /* struct virtio_net_hdr (host byte order: the TUN's default, legacy virtio on a LE host) */
 #define VNET_LEN 10
@@ -120,7 +131,7 @@
     X(drop_udp_bad_length) X(drop_udp_bad_checksum) X(drop_udp_unknown_src)                        \
     X(drop_udp_wrong_peer) X(drop_udp_not_local) X(drop_udp_ttl) X(rx_oversize)                    \
     X(tun_tx_packets) X(tun_tx_bytes) X(tun_tx_errors) X(tun_tx_stalls)                            \
-    X(icmp_unreachable_sent) X(icmp_time_exceeded_sent) X(icmp_suppressed)                         \
+    X(icmp_unreachable_sent) X(icmp_time_exceeded_sent) X(icmp_suppressed) X(icmp_ratelimited)     \
     X(route_commands) X(route_errors)
 
 #define X_ENUM(n) C_##n,
@@ -474,6 +485,45 @@ typedef struct {
     uint8_t shdr[HDRSLOT];    /* IP + TCP header of a coalesced write */
 } rxvec;
 
+/* The ICMP token bucket. Tokens in units of 1e-9 token, so that a refill of elapsed ns * rate is
+ * exact (computed lazily, when an ICMP error is about to be sent); it starts full. */
+#define NSEC_PER_SEC 1000000000ull
+typedef struct {
+    uint64_t tokens, cap; /* 1e-9 tokens; cap = burst * NSEC_PER_SEC */
+    uint64_t rate;        /* tokens per second (= 1e-9 tokens per ns) */
+    uint64_t stamp;       /* CLOCK_MONOTONIC ns of the last refill */
+} icmp_bucket;
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * NSEC_PER_SEC + (uint64_t)ts.tv_nsec;
+}
+
+static void bucket_init(icmp_bucket *b, uint32_t burst, uint32_t per_sec)
+{
+    b->cap = b->tokens = (uint64_t)burst * NSEC_PER_SEC;
+    b->rate = per_sec;
+    b->stamp = mono_ns();
+}
+
+/* Refill, then take one token: 1, or 0 when none is left. tokens = min(cap, tokens + dt * rate)
+ * without overflow (pyengine's _icmp_token computes the same). */
+static int bucket_take(icmp_bucket *b)
+{
+    uint64_t now = mono_ns(), dt = now - b->stamp, need = b->cap - b->tokens;
+    b->stamp = now;
+    if (b->rate && dt > need / b->rate)
+        b->tokens = b->cap;
+    else
+        b->tokens += dt * b->rate;
+    if (b->tokens < NSEC_PER_SEC)
+        return 0;
+    b->tokens -= NSEC_PER_SEC;
+    return 1;
+}
+
 typedef struct {
     PyObject_HEAD
     /* configuration, fixed at construction */
@@ -501,6 +551,7 @@ typedef struct {
     void *mem;
     size_t memlen;
     int tx_stalled, rx_stalled, fatal;
+    icmp_bucket icmp_tokens; /* set before start (new, set_icmp_ratelimit), then the loop's */
     uint8_t icmp[128];
 } Engine;
 
@@ -621,12 +672,24 @@ static uint32_t build_icmp(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl
 
 static const uint8_t zero_vnet[VNET_LEN];
 
-static void icmp_to_tun(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl, uint8_t type)
+/* May an ICMP error about p be sent now? Counts it as suppressed or rate-limited if not. */
+static int icmp_may_send(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl)
 {
     if (!icmp_allowed(p, n, ihl)) {
         CTR(e, icmp_suppressed, 1);
-        return;
+        return 0;
     }
+    if (!bucket_take(&e->icmp_tokens)) {
+        CTR(e, icmp_ratelimited, 1);
+        return 0;
+    }
+    return 1;
+}
+
+static void icmp_to_tun(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl, uint8_t type)
+{
+    if (!icmp_may_send(e, p, n, ihl))
+        return;
     uint32_t len = build_icmp(e, p, n, ihl, type);
     struct iovec iov[2] = {{(void *)zero_vnet, VNET_LEN}, {e->icmp, len}};
     ssize_t r;
@@ -647,10 +710,8 @@ static void icmp_to_tun(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl, u
 
 static void icmp_to_peer(Engine *e, const uint8_t *p, uint32_t n, uint32_t ihl, uint32_t sender)
 {
-    if (!icmp_allowed(p, n, ihl)) {
-        CTR(e, icmp_suppressed, 1);
+    if (!icmp_may_send(e, p, n, ihl))
         return;
-    }
     uint32_t len = build_icmp(e, p, n, ihl, 11);
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(e->port)};
     to.sin_addr.s_addr = htonl(sender);
@@ -1464,6 +1525,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     e->want_gro = gro;
     e->want_tun_gso = tun_gso;
     e->off[O_vnet_hdr] = (uint64_t)vnet;
+    bucket_init(&e->icmp_tokens, ICMP_MSGS_BURST, ICMP_MSGS_PER_SEC);
     e->state = ST_NEW;
     if (rt_init(&e->rt) < 0) {
         Py_DECREF(e);
@@ -1589,6 +1651,23 @@ static PyObject *Engine_del_route(Engine *e, PyObject *args)
     return engine_command(e, &c);
 }
 
+static PyObject *Engine_set_icmp_ratelimit(Engine *e, PyObject *args)
+{
+    long long burst, per_sec;
+    if (!PyArg_ParseTuple(args, "LL:set_icmp_ratelimit", &burst, &per_sec))
+        return NULL;
+    if (burst < 0 || burst > INT32_MAX || per_sec < 0 || per_sec > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "ICMP burst and rate must be in 0..2147483647");
+        return NULL;
+    }
+    if (e->state != ST_NEW) { /* once started, the bucket is the loop's */
+        PyErr_SetString(PyExc_RuntimeError, "the ICMP rate limit can only be set before start()");
+        return NULL;
+    }
+    bucket_init(&e->icmp_tokens, (uint32_t)burst, (uint32_t)per_sec);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Engine_stats(Engine *e, PyObject *Py_UNUSED(ignored))
 {
     uint64_t snap[N_CTR];
@@ -1651,6 +1730,9 @@ static PyMethodDef Engine_methods[] = {
      "set_route(net, prefixlen, peer): add or replace a route (host-order ints)."},
     {"del_route", (PyCFunction)Engine_del_route, METH_VARARGS,
      "del_route(net, prefixlen): remove a route (no-op when absent)."},
+    {"set_icmp_ratelimit", (PyCFunction)Engine_set_icmp_ratelimit, METH_VARARGS,
+     "set_icmp_ratelimit(burst, per_sec): before start(), replace the ICMP error token bucket "
+     "(default ICMP_MSGS_BURST, ICMP_MSGS_PER_SEC; it starts full). per_sec 0: no refill."},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters as a dict."},
     {"offloads", (PyCFunction)Engine_offloads, METH_NOARGS,
      "Offload state (vnet_hdr, udp_gso, udp_gro, tun_gso: 0/1, as in effect now) and offload "
@@ -1816,7 +1898,9 @@ PyMODINIT_FUNC PyInit__engine(void)
     if (PyModule_AddIntConstant(m, "BATCH", BATCH) < 0 ||
         PyModule_AddIntConstant(m, "BUFFER_SIZE", BUFSZ) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SEGMENTS", MAX_SEGS) < 0 ||
-        PyModule_AddIntConstant(m, "VNET_HDR_LEN", VNET_LEN) < 0)
+        PyModule_AddIntConstant(m, "VNET_HDR_LEN", VNET_LEN) < 0 ||
+        PyModule_AddIntConstant(m, "ICMP_MSGS_BURST", ICMP_MSGS_BURST) < 0 ||
+        PyModule_AddIntConstant(m, "ICMP_MSGS_PER_SEC", ICMP_MSGS_PER_SEC) < 0)
         goto fail;
     return m;
 fail:

@@ -19,6 +19,10 @@ OFFLOAD_COUNTERS: Final[tuple[str, ...]]
 MAX_SEGMENTS: Final[int]
 #: Bytes of the virtio_net_hdr in front of every TUN read/write when ``vnet_hdr``.
 VNET_HDR_LEN: Final[int]
+#: The ICMP error token bucket's defaults: the kernel's ``net.ipv4.icmp_msgs_burst`` (50) and
+#: ``net.ipv4.icmp_msgs_per_sec`` (1000) (same as ``pyengine.ICMP_MSGS_BURST``/``_PER_SEC``).
+ICMP_MSGS_BURST: Final[int]
+ICMP_MSGS_PER_SEC: Final[int]
 
 class Engine:
     """The loop in a native thread; it owns its route table (commands over a socketpair).
@@ -47,6 +51,9 @@ class Engine:
     def stop(self) -> None: ...
     def set_route(self, net: int, prefixlen: int, peer: int, /) -> None: ...
     def del_route(self, net: int, prefixlen: int, /) -> None: ...
+    def set_icmp_ratelimit(self, burst: int, per_sec: int, /) -> None:
+        """Before ``start()``: replace the ICMP error token bucket (it starts full; ``per_sec``
+        0: no refill). Without a token an ICMP error is not sent (``icmp_ratelimited``)."""
     def stats(self) -> dict[str, int]: ...
     def offloads(self) -> dict[str, int]: ...
     def alive(self) -> bool: ...

@@ -20,7 +20,10 @@ loop after ``MAX_BATCHES_PER_WAKEUP`` batches so that a flood cannot starve the 
 Backpressure: when the UDP socket (or the TUN) returns EAGAIN on send, the unsent rest of the batch
 is kept, the engine waits for writability, and stops reading the *other* fd (the TUN, or the UDP
 socket) meanwhile, so packets are left in kernel queues rather than dropped here. ICMP errors are
-best effort (an EAGAIN drops them and counts a tx error).
+best effort (an EAGAIN drops them and counts a tx error), and rate-limited like the kernel's: every
+ICMP error (both directions) takes a token from one bucket of ``ICMP_MSGS_BURST`` tokens refilled at
+``ICMP_MSGS_PER_SEC``; without a token it is not sent and counted as ``icmp_ratelimited`` (the
+offending packet is dropped all the same).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import asyncio
 import os
 import select
 import socket
+import time
 from collections import deque
 from ipaddress import IPv4Address, IPv4Network
 
@@ -49,6 +53,8 @@ __all__ = [
     "BUFFER_SIZE",
     "COUNTERS",
     "DIAGNOSTIC_COUNTERS",
+    "ICMP_MSGS_BURST",
+    "ICMP_MSGS_PER_SEC",
     "MAX_BATCHES_PER_WAKEUP",
     "PyEngine",
 ]
@@ -60,6 +66,12 @@ BUFFER_SIZE = 65536
 #: Batches per reader callback before yielding to the event loop (readiness is level-triggered, so
 #: the callback runs again at once): a flood cannot starve the control plane sharing the loop.
 MAX_BATCHES_PER_WAKEUP = 16
+#: ICMP error rate limit, modelled on the kernel's global ICMP limiter (``icmp_global_allow``): a
+#: token bucket of ``net.ipv4.icmp_msgs_burst`` tokens (it starts full) refilled at
+#: ``net.ipv4.icmp_msgs_per_sec``, with their defaults (the C engine uses the same numbers).
+ICMP_MSGS_BURST = 50  # net.ipv4.icmp_msgs_burst
+ICMP_MSGS_PER_SEC = 1000  # net.ipv4.icmp_msgs_per_sec
+_NS_PER_SEC = 1_000_000_000
 
 #: Counter names, identical in both engines (``_engine.COUNTERS`` lists the same names).
 COUNTERS: tuple[str, ...] = (
@@ -101,6 +113,7 @@ COUNTERS: tuple[str, ...] = (
     "icmp_unreachable_sent",
     "icmp_time_exceeded_sent",
     "icmp_suppressed",
+    "icmp_ratelimited",
     # route commands
     "route_commands",
     "route_errors",
@@ -162,6 +175,7 @@ class PyEngine:
         self._rx_pending: deque[bytearray] = deque()
         self._addr_cache: dict[int, tuple[str, int]] = {}
         self._ip_cache: dict[str, int] = {}
+        self.set_icmp_ratelimit(ICMP_MSGS_BURST, ICMP_MSGS_PER_SEC)
 
     # --- control ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -224,6 +238,18 @@ class PyEngine:
     def stats(self) -> dict[str, int]:
         return dict(self._c)
 
+    def set_icmp_ratelimit(self, burst: int, per_sec: int) -> None:
+        """Before ``start()``: replace the ICMP error token bucket (default ``ICMP_MSGS_BURST``,
+        ``ICMP_MSGS_PER_SEC``; it starts full). ``per_sec`` 0: no refill (for tests)."""
+        if not (0 <= burst <= 0x7FFFFFFF and 0 <= per_sec <= 0x7FFFFFFF):
+            raise ValueError("ICMP burst and rate must be in 0..2147483647")
+        if self._state != "new":
+            raise RuntimeError("the ICMP rate limit can only be set before start()")
+        # tokens in units of 1e-9 token: a refill of elapsed ns * per_sec is exact (as in C)
+        self._icmp_cap = self._icmp_tokens = burst * _NS_PER_SEC
+        self._icmp_rate = per_sec
+        self._icmp_stamp = time.monotonic_ns()
+
     # --- helpers ------------------------------------------------------------------------------
     def _peer_addr(self, peer: int) -> tuple[str, int]:
         addr = self._addr_cache.get(peer)
@@ -241,10 +267,30 @@ class PyEngine:
             value = self._ip_cache[ip] = int.from_bytes(socket.inet_aton(ip), "big")
         return value
 
+    def _icmp_token(self) -> bool:
+        """Refill the ICMP bucket (lazily, by the time since the last call), then take a token."""
+        now = time.monotonic_ns()
+        tokens = min(self._icmp_cap, self._icmp_tokens + (now - self._icmp_stamp) * self._icmp_rate)
+        self._icmp_stamp = now
+        if tokens < _NS_PER_SEC:
+            self._icmp_tokens = tokens
+            return False
+        self._icmp_tokens = tokens - _NS_PER_SEC
+        return True
+
+    def _icmp_may_send(self, pkt: bytes | bytearray, ihl: int) -> bool:
+        """May an ICMP error about ``pkt`` be sent now? If not, counted as suppressed or limited."""
+        if not icmp_error_allowed(pkt, ihl):
+            self._c["icmp_suppressed"] += 1
+            return False
+        if not self._icmp_token():
+            self._c["icmp_ratelimited"] += 1
+            return False
+        return True
+
     def _icmp_to_tun(self, pkt: bytes | bytearray, ihl: int, icmp_type: int, code: int) -> None:
         c = self._c
-        if not icmp_error_allowed(pkt, ihl):
-            c["icmp_suppressed"] += 1
+        if not self._icmp_may_send(pkt, ihl):
             return
         msg = icmp_error(pkt, ihl, icmp_type, code, self._local_addr)
         try:
@@ -459,8 +505,7 @@ class PyEngine:
     def _icmp_to_peer(self, pkt: bytearray, ihl: int, sender: str) -> None:
         """Time exceeded back to the (validated) peer that sent ``pkt``."""
         c = self._c
-        if not icmp_error_allowed(pkt, ihl):
-            c["icmp_suppressed"] += 1
+        if not self._icmp_may_send(pkt, ihl):
             return
         msg = icmp_error(pkt, ihl, ICMP_TIME_EXCEEDED, ICMP_TTL_EXCEEDED, self._local_addr)
         assert self._udp is not None

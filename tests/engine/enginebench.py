@@ -31,8 +31,9 @@ from scapy.layers.inet6 import ICMPv6ND_RS, IPv6
 from scapy.packet import Packet, Raw, fuzz
 
 from flanneld_py import engine as engine_mod
-from flanneld_py.engine import Engine, make_engine
+from flanneld_py.engine import CEngine, Engine, make_engine
 from flanneld_py.packet import checksum
+from flanneld_py.pyengine import PyEngine
 
 KINDS = ["c", "python"]
 REQUIRE_ALL = os.environ.get("FLANNELD_TEST_REQUIRE_ALL") == "1"
@@ -146,12 +147,17 @@ class Bench:
         routes: bool = True,
         start: bool = True,
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+        icmp_ratelimit: tuple[int, int] | None = None,
     ) -> None:
+        """``icmp_ratelimit``: (burst, per_sec) of the engine's ICMP token bucket instead of the
+        kernel's defaults (``per_sec`` 0: no refill, so which ICMP errors go out is exact)."""
         self.kind = kind
         self._loop_factory = loop_factory
         self._closers: list[Callable[[], None]] = []
         try:
             self._setup(npeers, mtu)
+            if icmp_ratelimit is not None:
+                self.call(raw_engine(self.engine).set_icmp_ratelimit, *icmp_ratelimit)
             if start:
                 self.start()
             if routes:
@@ -295,6 +301,15 @@ class Bench:
             with contextlib.suppress(Exception):
                 fn()
         self._closers.clear()
+
+
+def raw_engine(engine: Engine) -> Any:
+    """The engine object itself: ``_engine.Engine`` inside a ``CEngine``, else the ``PyEngine``
+    (for what the facade does not offer, e.g. ``set_icmp_ratelimit``)."""
+    if isinstance(engine, CEngine):
+        return engine._engine
+    assert isinstance(engine, PyEngine)
+    return engine
 
 
 def nonzero(stats: dict[str, int]) -> dict[str, int]:
