@@ -15,7 +15,13 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from lab.flanneld import DEFAULT_CONFIG, FlannelCluster, Flanneld, FlanneldNotReady
+from lab.flanneld import (
+    DEFAULT_CONFIG,
+    FlannelCluster,
+    Flanneld,
+    FlanneldNotReady,
+    network_config,
+)
 from lab.netns import Lab, LabError, Netns, Topology
 
 __all__ = [
@@ -27,12 +33,23 @@ __all__ = [
     "build",
 ]
 
-PATHS = ("underlay", "host-gw", "vxlan", "flanneld-c", "flanneld-c-batched", "flanneld-python")
+PATHS = (
+    "underlay",
+    "host-gw",
+    "vxlan",
+    "flanneld-vxlan",
+    "flanneld-host-gw",
+    "flanneld-c",
+    "flanneld-c-batched",
+    "flanneld-python",
+)
 REFERENCE = "vxlan"
 PATH_TITLES = {
     "underlay": "bare underlay, host to host, no overlay",
     "host-gw": "plain routes (host-gw)",
     "vxlan": "kernel VXLAN (the reference)",
+    "flanneld-vxlan": "flanneld-py vxlan backend (the kernel's VXLAN, set up by flanneld-py)",
+    "flanneld-host-gw": "flanneld-py host-gw backend (plain routes, set up by flanneld-py)",
     "flanneld-c": "flanneld-py UDP backend, C engine (segmentation offloads: --offload auto)",
     "flanneld-c-batched": "flanneld-py UDP backend, C engine, batched only (--offload off)",
     "flanneld-python": "flanneld-py UDP backend, pure-Python engine",
@@ -211,6 +228,7 @@ def _flanneld(
     logs: Path,
     start_timeout: float,
     extra_args: tuple[str, ...] = (),
+    config: str = DEFAULT_CONFIG,
 ) -> None:
     topo = _topology(lab, mtu, offloads, bp.info)
     cl: FlannelCluster | None = None
@@ -225,7 +243,7 @@ def _flanneld(
     cl = FlannelCluster(
         lab,
         topology=topo,
-        config=DEFAULT_CONFIG,
+        config=config,
         engines=[engine, engine],
         extra_args=list(extra_args),
         healthz=False,  # ready = subnet file written; nothing polls the daemons while measuring
@@ -234,7 +252,7 @@ def _flanneld(
     )
     cl.start_etcd()
     bp.info["etcd"] = cl.etcd.endpoint
-    bp.info["flannel_config"] = DEFAULT_CONFIG
+    bp.info["flannel_config"] = config
     bp.daemons = dict(zip(("A", "B"), cl.hosts, strict=True))
     bp.info["daemon_argv"] = cl.hosts[0].argv()
     try:
@@ -273,6 +291,10 @@ def build(
         elif name in ("flanneld-c", "flanneld-python"):
             engine = name.split("-", 1)[1]
             _flanneld(lab, bp, mtu, offloads, engine, logs, start_timeout)
+        elif name in ("flanneld-vxlan", "flanneld-host-gw"):
+            backend = name.split("-", 1)[1]
+            _flanneld(lab, bp, mtu, offloads, "c", logs, start_timeout,
+                      config=network_config(backend=backend))  # fmt: skip
         elif name == "flanneld-c-batched":
             _flanneld(lab, bp, mtu, offloads, "c", logs, start_timeout, ("--offload", "off"))
         else:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import inspect
 import ipaddress
 import logging
 import math
@@ -30,12 +29,15 @@ from urllib.parse import urlsplit
 
 from flanneld_py import __version__
 from flanneld_py.options import Options
+from flanneld_py.store import LeaseStore, StoreError
+from flanneld_py.tlsfiles import TlsFileError, check_tls_files
 
 __all__ = [
     "ENV_PREFIX",
     "FLAGS",
     "EarlyExit",
     "UsageError",
+    "build_store",
     "entry",
     "env_var",
     "event_loop_factory",
@@ -110,7 +112,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("subnet-file", "str", "where FLANNEL_NETWORK/SUBNET/MTU/IPMASQ are written", "FILE"),
     Flag("subnet-lease-renew-margin", "int", "renew the lease this many minutes before expiry, "
          "1-1439", "MINUTES", bounds=(1, 1439)),
-    Flag("healthz-ip", "str", "address of the health server (/healthz, /status)", "IP"),
+    Flag("healthz-ip", "str", "address of the health server (/healthz liveness, /readyz "
+         "readiness, /status JSON)", "IP"),
     Flag("healthz-port", "int", "port of the health server; 0 = no server", "PORT",
          bounds=(0, 65535)),
     Flag("iptables-resync", "int", "seconds between checks of our iptables rules", "SECONDS",
@@ -156,7 +159,8 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
     """Flags in ``argv`` (without the program name), completed from ``environ``, validated.
 
     Raises :class:`UsageError` (one-line message) or :class:`EarlyExit` (``--help``/``--version``).
-    Reads the file system only to check that the TLS files given exist.
+    Reads the file system only to check the TLS files given: that they exist and hold PEM
+    certificates / an unencrypted PEM key matching the certificate (``flanneld_py.tlsfiles``).
     """
     given, want_version = _scan(argv)
     if want_version:
@@ -371,6 +375,10 @@ def _cross_check(o: Options) -> None:
         raise UsageError("--etcd-keyfile and --etcd-certfile must be given together")
     if (o.etcd_username is None) != (o.etcd_password is None):
         raise UsageError("--etcd-username and --etcd-password must be given together")
+    try:
+        check_tls_files(o.etcd_cafile, o.etcd_certfile, o.etcd_keyfile)
+    except TlsFileError as e:
+        raise UsageError(str(e)) from None
 
 
 # -- help ----------------------------------------------------------------------------------------
@@ -400,7 +408,8 @@ def usage_text() -> str:
     lines = [
         f"Usage: {PROG} [--flag=value]...",
         "",
-        "A flannel-compatible overlay network daemon (UDP backend, etcd v3) for Docker hosts.",
+        "A flannel-compatible overlay network daemon for Docker hosts (backends udp, vxlan,",
+        "host-gw; etcd v3).",
         "Flags may be written -flag or --flag, with =value or a separate value; bool flags as",
         "--flag or --flag=false. A flag not on the command line is read from FLANNELD_<FLAG>",
         "(upper case, '-' -> '_', e.g. FLANNELD_ETCD_ENDPOINTS) when that is set; there",
@@ -494,6 +503,24 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
 # -- entry points --------------------------------------------------------------------------------
 
 
+def build_store(options: Options) -> LeaseStore:
+    """The daemon's lease store: etcd's v3 API at ``--etcd-endpoints``. Raises StoreError."""
+    from flanneld_py.store.etcd import EtcdSettings, EtcdStore
+
+    try:
+        settings = EtcdSettings(
+            endpoints=list(options.etcd_endpoints),
+            username=options.etcd_username,
+            password=options.etcd_password,
+            keyfile=options.etcd_keyfile,
+            certfile=options.etcd_certfile,
+            cafile=options.etcd_cafile,
+        )
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+    return EtcdStore(settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, set up logging, run the daemon; returns the process exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -513,15 +540,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         log.critical("cannot load the daemon (%s): reinstall flanneld-py", e)
         return 1
-    run = daemon.run
     try:
-        if inspect.iscoroutinefunction(run):
-            # async def run(options) -> int: we own the loop (uvloop or asyncio)
-            factory = event_loop_factory(options.event_loop)
-            with asyncio.Runner(loop_factory=factory) as runner:
-                code = runner.run(run(options))
-        else:  # def run(options) -> int: it runs its own loop
-            code = run(options)
+        store = build_store(options)
+    except StoreError as e:
+        log.error("%s", e)
+        return 1
+    try:
+        # we own the loop (uvloop or asyncio); the daemon gets its store from us
+        factory = event_loop_factory(options.event_loop)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            code = runner.run(daemon.run(options, store))
     except KeyboardInterrupt:
         log.info("interrupted")
         return 130

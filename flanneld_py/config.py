@@ -12,14 +12,46 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-__all__ = ["DEFAULT_PORT", "ConfigError", "NetworkConfig", "parse_config"]
+__all__ = [
+    "BACKEND_TYPES",
+    "DEFAULT_PORT",
+    "DEFAULT_VXLAN_PORT",
+    "BackendConfig",
+    "ConfigError",
+    "NetworkConfig",
+    "parse_config",
+]
 
+#: the udp backend's port (flannel's default)
 DEFAULT_PORT = 8285
-SUPPORTED_BACKENDS = ("udp",)
+#: the vxlan backend's port when ``Port`` is 0 or absent: flannel sends no port attribute and the
+#: kernel's default is 8472 (not IANA's 4789)
+DEFAULT_VXLAN_PORT = 8472
+BACKEND_TYPES = ("udp", "vxlan", "host-gw")
 
 
 class ConfigError(ValueError):
     """The network config is present but unusable; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """``Backend`` of the network config; fields that do not apply to ``type`` keep defaults."""
+
+    #: "udp", "vxlan" or "host-gw"
+    type: str = "udp"
+    #: UDP port: udp 8285 by default; vxlan ``Port`` (0/absent = the kernel's 8472)
+    port: int = DEFAULT_PORT
+    #: vxlan: VXLAN network identifier (device ``flannel.<VNI>``)
+    vni: int = 1
+    #: vxlan: Group Based Policy extension
+    gbp: bool = False
+    #: vxlan: let the device learn FDB entries (flannel: off, device is ``nolearning``)
+    learning: bool = False
+    #: vxlan: plain routes to peers on our link, vxlan only for the others
+    direct_routing: bool = False
+    #: vxlan: the *underlay* MTU (flannel v0.21.3+); None = the interface's. Device/env get -50
+    mtu: int | None = None
 
 
 @dataclass(frozen=True)
@@ -29,8 +61,15 @@ class NetworkConfig:
     #: first and last subnet that may be handed out (both included)
     subnet_min: IPv4Network
     subnet_max: IPv4Network
-    backend_type: str
-    port: int
+    backend: BackendConfig = BackendConfig()
+
+    @property
+    def backend_type(self) -> str:
+        return self.backend.type
+
+    @property
+    def port(self) -> int:
+        return self.backend.port
 
     @property
     def subnet_size(self) -> int:
@@ -65,6 +104,15 @@ def _int_field(fields: dict[str, Any], name: str) -> int | None:
     if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v:
         raise ConfigError(f"{name} must be an integer, got {json.dumps(v)}")
     return int(v)
+
+
+def _bool_field(fields: dict[str, Any], name: str, default: bool = False) -> bool:
+    v = fields.get(name.lower())
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"Backend {name} must be true or false, got {json.dumps(v)}")
+    return v
 
 
 def _ip_field(fields: dict[str, Any], name: str) -> IPv4Address | None:
@@ -110,21 +158,28 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     except ValueError:
         raise ConfigError(f"Network {raw_net!r} is not an IPv4 CIDR like 10.5.0.0/16") from None
 
+    # SubnetLen must lie in [Network prefix + 2, 30]: Network holds at least four subnets, and a
+    # subnet is at most a /30. Absent (or 0), it is /24, or the prefix + 2 for a Network too
+    # small for four /24s. Every message is derived from this one range.
     subnet_len = _int_field(f, "SubnetLen") or 0
-    if subnet_len < 0:
-        raise ConfigError(f"SubnetLen must be positive, got {subnet_len}")
-    if subnet_len > 0:
-        if subnet_len > 30:
-            raise ConfigError(f"SubnetLen /{subnet_len} is too long: it must be at most 30")
-        if subnet_len < network.prefixlen + 2:
-            raise ConfigError(
-                f"SubnetLen /{subnet_len} must be at least Network's prefix + 2 "
-                f"(/{network.prefixlen + 2}) so Network holds at least four subnets"
-            )
-    else:
-        if network.prefixlen > 28:
-            raise ConfigError(f"Network {network} is too small: the minimum useful prefix is /28")
-        subnet_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
+    shortest, longest = network.prefixlen + 2, 30
+    if shortest > longest:
+        raise ConfigError(
+            f"Network {network} is too small: it needs a prefix of at most /{longest - 2} "
+            "to hold four subnets"
+        )
+    if subnet_len == 0:
+        subnet_len = max(24, shortest)
+    elif not shortest <= subnet_len <= longest:
+        if subnet_len < 0:
+            given, why = str(subnet_len), ""
+        elif subnet_len > longest:
+            given, why = f"/{subnet_len}", " (/30 is the smallest subnet)"
+        else:
+            given, why = f"/{subnet_len}", " (Network must hold at least four subnets)"
+        raise ConfigError(
+            f"SubnetLen {given} is outside /{shortest}../{longest} for Network {network}{why}"
+        )
 
     size = 1 << (32 - subnet_len)
     first = int(network.network_address)
@@ -147,33 +202,57 @@ def parse_config(text: str | bytes) -> NetworkConfig:
             f"{subnet_max.network_address}"
         )
 
-    backend = f.get("backend")
-    if backend is None:
-        backend_type, port = "udp", DEFAULT_PORT
-    else:
-        if not isinstance(backend, dict):
-            raise ConfigError(
-                f'Backend must be an object like {{"Type": "udp"}}, got {json.dumps(backend)}'
-            )
-        bf = _fold(backend)
-        btype = bf.get("type")
-        if not isinstance(btype, str) or not btype:
-            raise ConfigError('unknown backend type: Backend has no "Type" (use "udp")')
-        backend_type = btype.lower()
-        if backend_type not in SUPPORTED_BACKENDS:
-            raise ConfigError(
-                f'Backend Type {btype!r} is not supported by flanneld-py (only "udp")'
-            )
-        p = _int_field(bf, "Port")
-        port = p or DEFAULT_PORT
-        if not 1 <= port <= 65535:
-            raise ConfigError(f"Backend Port {port} must be between 1 and 65535")
-
+    backend = _parse_backend(f.get("backend"))
     return NetworkConfig(
         network=IPv4Network((first, network.prefixlen)),
         subnet_len=subnet_len,
         subnet_min=subnet_min,
         subnet_max=subnet_max,
-        backend_type=backend_type,
-        port=port,
+        backend=backend,
+    )
+
+
+def _parse_backend(backend: Any) -> BackendConfig:
+    """``Backend``: absent = udp; present without ``Type`` is flannel's "unknown backend type"."""
+    if backend is None:
+        return BackendConfig()
+    if not isinstance(backend, dict):
+        raise ConfigError(
+            f'Backend must be an object like {{"Type": "vxlan"}}, got {json.dumps(backend)}'
+        )
+    bf = _fold(backend)
+    btype = bf.get("type")
+    choices = ", ".join(f'"{t}"' for t in BACKEND_TYPES)
+    if not isinstance(btype, str) or not btype:
+        raise ConfigError(f'unknown backend type: Backend has no "Type" (use one of {choices})')
+    kind = btype.lower()
+    if kind not in BACKEND_TYPES:
+        raise ConfigError(
+            f"Backend Type {btype!r} is not supported by flanneld-py (use one of {choices})"
+        )
+    if kind == "host-gw":
+        return BackendConfig(type=kind, port=0)
+    port = _int_field(bf, "Port") or 0
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"Backend Port {port} must be between 1 and 65535")
+    if kind == "udp":
+        return BackendConfig(type=kind, port=port or DEFAULT_PORT)
+    vni = _int_field(bf, "VNI")
+    vni = 1 if vni is None else vni
+    if not 0 <= vni <= 0xFFFFFF:
+        raise ConfigError(f"Backend VNI {vni} must be between 0 and 16777215 (24 bits)")
+    mtu = _int_field(bf, "MTU")
+    if mtu is not None and mtu != 0 and not 118 <= mtu <= 65535:
+        raise ConfigError(
+            f"Backend MTU {mtu} must be between 118 and 65535 (the underlay MTU; vxlan uses "
+            "50 bytes of it)"
+        )
+    return BackendConfig(
+        type=kind,
+        port=port or DEFAULT_VXLAN_PORT,
+        vni=vni,
+        gbp=_bool_field(bf, "GBP"),
+        learning=_bool_field(bf, "Learning"),
+        direct_routing=_bool_field(bf, "DirectRouting"),
+        mtu=mtu or None,
     )

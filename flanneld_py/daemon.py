@@ -1,10 +1,19 @@
-"""The daemon: orchestration of lease, data plane, firewall, files and systemd in one event loop.
+"""The daemon: orchestration of lease, backend, firewall, files and systemd in one event loop.
+
+The daemon is handed its ``LeaseStore`` (etcd, built by the CLI) and a :class:`Platform`: the
+host operations it needs (the lock, the external interface, the guard route, the firewall, the
+backend factory). The real platform talks to the kernel; tests hand in fakes and run the whole
+startup, readiness, peer wiring and shutdown without root.
 
 Startup order (what systemd and docker rely on):
-  external interface -> etcd config -> lease -> TUN + routes -> engine -> peer snapshot ->
-  firewall -> subnet.env + docker opts -> READY=1 -> renew / watch / resync / watchdog tasks.
-Shutdown (SIGTERM/SIGINT): STOPPING=1, cancel tasks, stop the engine, remove our firewall rules,
-close the TUN; the lease is kept so a restart gets the same subnet.
+  lock -> external interface -> etcd config -> guard route -> backend chosen by Backend.Type,
+  leftovers of other backends removed -> backend prepared (device; what the lease publishes) ->
+  lease -> backend started for the lease -> peer snapshot applied and reconciled -> firewall ->
+  subnet.env + docker opts -> READY=1 -> renew / watch / apply / reconcile / resync / watchdog.
+Shutdown (SIGTERM/SIGINT): STOPPING=1, cancel the tasks, remove our firewall rules, close the
+backend (udp: the TUN and its routes go; vxlan/host-gw: the kernel's state stays), release the
+lock. The lease and the guard route are kept: a restart gets the same subnet, and meanwhile
+nothing for the network leaves by the default route.
 """
 
 from __future__ import annotations
@@ -12,253 +21,197 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Any, Protocol
 
-from flanneld_py import __version__, files, netlink, systemd
+from flanneld_py import __version__, files, hostlock, netlink, systemd
+from flanneld_py.backend import Backend, BackendError, make_backend, remove_other_backends
 from flanneld_py.config import NetworkConfig
-from flanneld_py.engine import Engine, EngineError, make_engine, offload_status, wants_vnet_hdr
+from flanneld_py.engine import EngineError
 from flanneld_py.firewall import Firewall, FirewallError, FirewallUnavailable
 from flanneld_py.healthz import HealthServer
-from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent
+from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent, LeaseRemoved
 from flanneld_py.netlink import ExternalInterface, NetlinkError
 from flanneld_py.options import Options
-from flanneld_py.store import StoreError, StoreUnavailable
-from flanneld_py.store.etcd import EtcdSettings, EtcdStore
+from flanneld_py.store import LeaseStore, StoreError, StoreUnavailable
 from flanneld_py.subnets import SubnetManager
-from flanneld_py.tun import (
-    ENGINE_OFFLOADS,
-    TunError,
-    open_tun,
-    probe_offloads,
-    vnet_hdr_supported,
-)
+from flanneld_py.tun import TunError
 
-__all__ = ["DataPlane", "run"]
+__all__ = ["FATAL", "Daemon", "FirewallLike", "Platform", "run"]
 
 log = logging.getLogger("flanneld_py")
 
-#: outer IPv4 header + UDP header
-ENCAP_OVERHEAD = 28
-
 #: errors that end the daemon with a one-line message and exit status 1
-FATAL = (StoreError, NetlinkError, TunError, FirewallError, EngineError, OSError)
+FATAL = (
+    hostlock.LockHeld,
+    StoreError,
+    NetlinkError,
+    TunError,
+    FirewallError,
+    EngineError,
+    BackendError,
+    OSError,
+)
+
+
+class FirewallLike(Protocol):
+    async def setup(self) -> None: ...
+    async def check_and_repair(self) -> list[str]: ...
+    async def teardown(self) -> None: ...
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+async def _find_interface(opts: Options) -> ExternalInterface:
+    return await asyncio.to_thread(
+        netlink.find_external_interface, list(opts.iface), list(opts.iface_regex), opts.public_ip
+    )
+
+
+async def _ensure_guard(network: IPv4Network) -> list[IPv4Network]:
+    return await asyncio.to_thread(netlink.ensure_guard_route, network)
+
+
+def _firewall(network: IPv4Network, subnet: IPv4Network, opts: Options) -> FirewallLike:
+    return Firewall(network, subnet, opts.ip_masq, opts.iptables_forward_rules)
 
 
 @dataclass
-class DataPlane:
-    """TUN device + UDP socket + engine for one lease."""
+class Platform:
+    """What the daemon does to the host, as replaceable calls (the real kernel by default)."""
 
-    opts: Options
-    cfg: NetworkConfig
-    ext: ExternalInterface
-    lease: Lease
-    tun_fd: int = -1
-    sock: socket.socket | None = None
-    engine: Engine | None = None
-    #: offloads whose runtime shutdown has been logged already
-    offload_warned: set[str] = field(default_factory=set)
-
-    @property
-    def mtu(self) -> int:
-        return self.ext.mtu - ENCAP_OVERHEAD
-
-    async def start(self) -> None:
-        subnet = self.lease.subnet
-        # offloads: only the C engine reads/writes the TUN with a virtio header (TSO super-packets
-        # in, coalesced GSO packets out); without kernel support the TUN is a plain one
-        vnet = wants_vnet_hdr(self.opts.engine, self.opts.offload) and vnet_hdr_supported()
-        self.tun_fd, name = open_tun(self.opts.tun_name, vnet_hdr=vnet)
-        try:
-            tun_offloads = probe_offloads(self.tun_fd, ENGINE_OFFLOADS) if vnet else frozenset()
-            await asyncio.to_thread(
-                netlink.configure_tun, name, subnet.network_address, self.cfg.network, self.mtu
-            )
-            self.sock = bind_udp(self.ext.address, self.cfg.port)
-            self.engine = make_engine(
-                self.opts.engine,
-                tun_fd=self.tun_fd,
-                udp_fd=self.sock.fileno(),
-                local_subnet=subnet,
-                local_addr=subnet.network_address,
-                port=self.cfg.port,
-                mtu=self.mtu,
-                offload=self.opts.offload,
-                vnet_hdr=vnet,
-                tun_offloads=tun_offloads,
-            )
-            self.engine.start()
-        except BaseException:
-            self.close()
-            raise
-        log.info(
-            "data plane up: %s %s/32 mtu %d, route %s, UDP %s:%d, %s engine, offloads: %s",
-            name,
-            subnet.network_address,
-            self.mtu,
-            self.cfg.network,
-            self.ext.address,
-            self.cfg.port,
-            self.engine.kind,
-            ", ".join(offload_status(self.engine)["active"]) or "none",
-        )
-
-    def check_offloads(self) -> None:
-        """Log (once per offload) that the engine turned an offload off at runtime."""
-        if self.engine is None:
-            return
-        counters = offload_status(self.engine)["counters"]
-        for name, what in (
-            ("gso", "UDP GSO: the kernel refused a segmented send"),
-            ("tun_gso", "coalesced TUN writes: the TUN refused a GSO packet"),
-        ):
-            if counters.get(f"{name}_errors") and name not in self.offload_warned:
-                self.offload_warned.add(name)
-                err = counters.get(f"{name}_errno", 0)
-                log.warning(
-                    "turned off %s (%s); sending one packet per syscall from now on",
-                    what,
-                    os.strerror(err) if err else "unknown error",
-                )
-
-    def apply(self, events: list[LeaseEvent]) -> None:
-        assert self.engine is not None
-        for ev in events:
-            if isinstance(ev, LeaseAdded):
-                self.engine.set_route(ev.lease.subnet, ev.lease.public_ip)
-            else:
-                self.engine.del_route(ev.subnet)
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.stop()
-            self.engine = None
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.tun_fd >= 0:
-            os.close(self.tun_fd)  # the kernel removes flannel0 with its addresses and routes
-            self.tun_fd = -1
-
-
-def bind_udp(address: IPv4Address, port: int) -> socket.socket:
-    """The encapsulation socket, bound like flanneld's to <interface address>:<port>."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        sock.bind((str(address), port))
-    except OSError as e:
-        sock.close()
-        raise OSError(
-            f"cannot bind UDP {address}:{port}: {e.strerror}; is another flanneld running?"
-        ) from None
-    sock.setblocking(False)
-    return sock
+    #: one daemon per network namespace (hostlock); raises hostlock.LockHeld
+    lock: Callable[[], Closeable] = hostlock.acquire
+    find_interface: Callable[[Options], Awaitable[ExternalInterface]] = _find_interface
+    #: install the guard route for the network; returns the stale guards removed
+    ensure_guard: Callable[[IPv4Network], Awaitable[list[IPv4Network]]] = _ensure_guard
+    make_backend: Callable[[NetworkConfig, ExternalInterface, Options], Backend] = make_backend
+    #: remove what other backend types left behind; one line per removal
+    cleanup: Callable[[NetworkConfig, ExternalInterface], Awaitable[list[str]]] = (
+        remove_other_backends
+    )
+    make_firewall: Callable[[IPv4Network, IPv4Network, Options], FirewallLike] = _firewall
 
 
 class Daemon:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, store: LeaseStore, platform: Platform | None = None) -> None:
         self.opts = opts
-        self.store = EtcdStore(
-            EtcdSettings(
-                endpoints=list(opts.etcd_endpoints),
-                username=opts.etcd_username,
-                password=opts.etcd_password,
-                keyfile=opts.etcd_keyfile,
-                certfile=opts.etcd_certfile,
-                cafile=opts.etcd_cafile,
-            )
-        )
+        self.store = store
+        self.platform = platform or Platform()
         self.mgr: SubnetManager | None = None
         self.cfg: NetworkConfig | None = None
-        self.dp: DataPlane | None = None
-        self.fw: Firewall | None = None
+        self.ext: ExternalInterface | None = None
+        self.backend: Backend | None = None
+        self.fw: FirewallLike | None = None
         self.health: HealthServer | None = None
+        self.lock: Closeable | None = None
         self.started = time.monotonic()
         #: True once the firewall is set up and the files are written (READY=1 was sent)
         self.ready = False
+        #: the peers handed to the backend (leases it accepts), by subnet
+        self.accepted: dict[IPv4Network, Lease] = {}
+        #: leases of another backend type, warned about once (subnet -> their BackendType)
+        self._foreign: dict[IPv4Network, str | None] = {}
+        self._events: asyncio.Queue[list[LeaseEvent]] = asyncio.Queue()
+        #: the peer watch and the event applier (their tasks' wrappers run them)
+        self._inner: list[asyncio.Future[None]] = []
 
     # ---------------------------------------------------------------- startup
 
     async def start(self) -> list[Coroutine[Any, Any, None]]:
         """Everything up to READY=1; returns the long-running tasks to run."""
-        opts = self.opts
-        ext = await asyncio.to_thread(
-            netlink.find_external_interface,
-            list(opts.iface),
-            list(opts.iface_regex),
-            opts.public_ip,
-        )
-        public_ip = ext.public_ip
-        # fail now, not after a lease is taken, when we may not create the TUN device
-        fd, _ = open_tun(opts.tun_name)
-        os.close(fd)
+        opts, plat = self.opts, self.platform
+        # before anything is touched: a second daemon must not take over the first one's lease,
+        # routes and rules (whatever its --tun-name)
+        self.lock = plat.lock()
+        ext = self.ext = await plat.find_interface(opts)
         log.info(
             "flanneld-py %s: interface %s (%s, mtu %d), PublicIP %s, etcd %s prefix %s",
             __version__,
             ext.name,
             ext.address,
             ext.mtu,
-            public_ip,
+            ext.public_ip,
             ",".join(opts.etcd_endpoints),
             opts.etcd_prefix,
         )
         if opts.healthz_port:
-            self.health = HealthServer(opts.healthz_ip, opts.healthz_port, self.check, self.status)
+            self.health = HealthServer(
+                opts.healthz_ip, opts.healthz_port, self.check, self.status, ready=self.readiness
+            )
             await self.health.start()
         mgr = self.mgr = SubnetManager(
             self.store,
             opts.etcd_prefix,
-            public_ip,
+            ext.public_ip,
             ttl=opts.subnet_lease_ttl,
             renew_margin=opts.subnet_lease_renew_margin * 60.0,
         )
         systemd.status("waiting for the network config in etcd")
         self.cfg = cfg = await mgr.wait_config(opts.config_poll_interval)
         log.info(
-            "network %s, subnets /%d from %s to %s, backend %s port %d",
+            "network %s, subnets /%d from %s to %s, backend %s",
             cfg.network,
             cfg.subnet_len,
             cfg.subnet_min.network_address,
             cfg.subnet_max.network_address,
-            cfg.backend_type,
-            cfg.port,
+            _describe_backend(cfg),
         )
+        for old in await plat.ensure_guard(cfg.network):
+            log.info("removed the guard route of an earlier network %s", old)
+        log.info(
+            "guard route unreachable %s metric %d: while no route of ours covers a destination "
+            "in the network (daemon stopped, unknown peer), packets for it are refused instead of "
+            "leaving by the default route",
+            cfg.network,
+            netlink.GUARD_METRIC,
+        )
+        backend = self.backend = plat.make_backend(cfg, ext, opts)
+        for line in await plat.cleanup(cfg, ext):
+            log.warning("%s", line)
+        attrs = await backend.prepare()
+        mgr.set_lease_attrs(attrs.backend_type, attrs.backend_data)
         previous = files.read_previous_subnet(opts.subnet_file)
         lease = await self._acquire(cfg, previous)
-        self.dp = DataPlane(opts, cfg, ext, lease)
-        await self.dp.start()
+        await backend.start(lease)
 
+        applier = asyncio.ensure_future(self._apply_events())
         watch = asyncio.ensure_future(mgr.watch_peers(self._on_peers))
+        self._inner = [watch, applier]
         try:
             await self._wait_synced(watch)
-            self.fw = Firewall(cfg.network, lease.subnet, opts.ip_masq, opts.iptables_forward_rules)
+            await self._wait_applied(applier)
+            # entries of peers that vanished while we were down go now, not at the next tick
+            for line in await backend.reconcile(dict(self.accepted)):
+                log.info("%s", line)
+            self.fw = plat.make_firewall(cfg.network, lease.subnet, opts)
             await self._firewall_setup()
             self._write_files(lease)
         except BaseException:
             watch.cancel()
+            applier.cancel()
             raise
         self.ready = True
-        systemd.ready(f"lease {lease.subnet}, {len(mgr.peers())} peers")
-        log.info("ready: lease %s, %d peers", lease.subnet, len(mgr.peers()))
+        systemd.ready(f"lease {lease.subnet}, {len(self.accepted)} peers, backend {backend.name}")
+        log.info(
+            "ready: lease %s, %d peers, backend %s", lease.subnet, len(self.accepted), backend.name
+        )
 
-        async def wait_watch() -> None:
-            await watch
+        async def wait(task: asyncio.Future[None]) -> None:
+            await task
 
         tasks = [
-            wait_watch(),
+            wait(watch),
+            wait(applier),
             mgr.maintain(self._on_lease_change),
             self._resync(),
-            self._monitor_engine(),
+            self._reconcile(),
         ]
         interval = systemd.watchdog_interval()
         if interval:
@@ -296,23 +249,31 @@ class Daemon:
     async def _wait_synced(self, watch: asyncio.Future[None]) -> None:
         assert self.mgr is not None
         synced: asyncio.Future[Any] = asyncio.ensure_future(self.mgr.synced.wait())
-        pending: list[asyncio.Future[Any]] = [synced, watch]
-        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([synced, watch], return_when=asyncio.FIRST_COMPLETED)
         if not synced.done():
             synced.cancel()
             await watch  # raises what ended the watch
 
+    async def _wait_applied(self, applier: asyncio.Future[None]) -> None:
+        """Until the backend has applied every peer event queued so far."""
+        joined: asyncio.Future[Any] = asyncio.ensure_future(self._events.join())
+        await asyncio.wait([joined, applier], return_when=asyncio.FIRST_COMPLETED)
+        if not joined.done():
+            joined.cancel()
+            await applier
+
     def _write_files(self, lease: Lease) -> None:
-        assert self.cfg is not None and self.dp is not None
+        assert self.cfg is not None and self.backend is not None
         opts = self.opts
+        mtu = self.backend.mtu
         files.write_atomic(
             opts.subnet_file,
-            files.subnet_env_text(self.cfg.network, lease.subnet, self.dp.mtu, opts.ip_masq),
+            files.subnet_env_text(self.cfg.network, lease.subnet, mtu, opts.ip_masq),
         )
         if opts.docker_opts_file:
             files.write_atomic(
                 opts.docker_opts_file,
-                files.docker_opts_text(self.cfg.network, lease.subnet, self.dp.mtu, opts.ip_masq),
+                files.docker_opts_text(self.cfg.network, lease.subnet, mtu, opts.ip_masq),
             )
         log.info(
             "wrote %s%s",
@@ -323,27 +284,59 @@ class Daemon:
     # ---------------------------------------------------------------- runtime
 
     def _on_peers(self, events: list[LeaseEvent]) -> None:
-        if self.dp is not None and self.dp.engine is not None:
-            self.dp.apply(events)
+        """The subnet manager's peer changes -> the backend's, minus leases of other types."""
+        assert self.backend is not None
+        out: list[LeaseEvent] = []
+        for ev in events:
+            if isinstance(ev, LeaseAdded):
+                subnet = ev.lease.subnet
+                if not self.backend.accepts(ev.lease):
+                    btype = ev.lease.backend_type
+                    if self._foreign.get(subnet, "\0") != btype:
+                        self._foreign[subnet] = btype
+                        log.warning(
+                            "ignoring peer %s via %s: its backend is %s, this network runs %s",
+                            subnet,
+                            ev.lease.public_ip,
+                            btype or "udp (no BackendType)",
+                            self.backend.name,
+                        )
+                    if self.accepted.pop(subnet, None) is not None:
+                        out.append(LeaseRemoved(subnet))
+                    continue
+                self._foreign.pop(subnet, None)
+                self.accepted[subnet] = ev.lease
+                out.append(ev)
+            else:
+                self._foreign.pop(ev.subnet, None)
+                if self.accepted.pop(ev.subnet, None) is not None:
+                    out.append(ev)
+        if out:
+            self._events.put_nowait(out)
+
+    async def _apply_events(self) -> None:
+        assert self.backend is not None
+        while True:
+            events = await self._events.get()
+            try:
+                await self.backend.apply(events)
+            finally:
+                self._events.task_done()
 
     async def _on_lease_change(self, old: Lease, new: Lease) -> None:
         """Our subnet changed (it was taken while we were away): rebuild what depends on it."""
-        assert self.dp is not None and self.mgr is not None and self.cfg is not None
+        assert self.backend is not None and self.cfg is not None
         log.error(
             "our subnet changed from %s to %s: docker must be restarted to use the new --bip",
             old.subnet,
             new.subnet,
         )
-        self.dp.close()
-        self.dp = DataPlane(self.opts, self.cfg, self.dp.ext, new)
-        await self.dp.start()
-        self.dp.apply([LeaseAdded(lease) for lease in self.mgr.peers().values()])
+        await self.backend.start(new)
+        await self.backend.apply([LeaseAdded(lease) for lease in self.accepted.values()])
         if self.fw is not None:
             with contextlib.suppress(FirewallError):
                 await self.fw.teardown()
-            self.fw = Firewall(
-                self.cfg.network, new.subnet, self.opts.ip_masq, self.opts.iptables_forward_rules
-            )
+            self.fw = self.platform.make_firewall(self.cfg.network, new.subnet, self.opts)
             await self._firewall_setup()
         self._write_files(new)
 
@@ -360,38 +353,75 @@ class Daemon:
             for what in fixed:
                 log.warning("iptables rule was missing and has been restored: %s", what)
 
-    async def _monitor_engine(self, interval: float = 1.0) -> None:
-        """End the daemon (exit 1, so systemd restarts it) if the engine stopped on its own."""
+    async def _reconcile(self) -> None:
+        """Let the backend repair the kernel's state; a BackendError ends the daemon (exit 1)."""
+        assert self.backend is not None
         while True:
-            await asyncio.sleep(interval)
-            engine = self.dp.engine if self.dp is not None else None
-            if engine is not None and not engine.alive():
-                raise EngineError(f"packet engine stopped: {engine.error()}")
-            if self.dp is not None:
-                self.dp.check_offloads()
+            await asyncio.sleep(self.backend.reconcile_interval)
+            try:
+                repairs = await self.backend.reconcile(dict(self.accepted))
+            except NetlinkError as e:
+                log.warning("%s backend: reconcile failed: %s", self.backend.name, e)
+                continue
+            for line in repairs:
+                log.warning("%s", line)
 
     async def _watchdog(self, interval: float) -> None:
+        """Keep systemd's watchdog fed while the daemon is alive (liveness, not readiness: an
+        etcd outage must not get a working data path restarted)."""
+        warned = False
         while True:
-            systemd.watchdog()
+            healthy, why = self.check()
+            if healthy:
+                systemd.watchdog()
+                warned = False
+            elif not warned:
+                log.error("not alive (%s): no longer feeding the systemd watchdog", why)
+                warned = True
             await asyncio.sleep(interval)
 
     def check(self) -> tuple[bool, str]:
+        """Liveness (``/healthz``, the watchdog): the process runs its data path and holds an
+        unexpired lease. An etcd outage does not fail it; the text then says so."""
         mgr = self.mgr
         if mgr is None or mgr.lease is None:
-            return False, "no subnet lease held yet"
+            return False, "starting: no subnet lease held yet"
         if not self.ready:
             return False, "starting: firewall rules and files not written yet"
+        if self.backend is None:
+            return False, "no backend"
+        down = self.backend.alive()
+        if down is not None:
+            return False, down
+        lease = mgr.lease
+        if lease.expiration is not None and lease.expiration <= time.time():
+            return False, f"lease {lease.subnet} expired (etcd unreachable for its whole TTL?)"
         if not mgr.watch_live:
-            return False, "lease watch on etcd is not live"
-        if self.dp is None or self.dp.engine is None:
-            return False, "data plane not running"
-        if not self.dp.engine.alive():
-            return False, f"data plane stopped: {self.dp.engine.error()}"
+            return True, f"ok; degraded: {self._watch_down()}"
         return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        """Readiness (``/readyz``): alive, and the lease watch on etcd is live (peers current)."""
+        healthy, why = self.check()
+        if not healthy:
+            return False, why
+        if self.mgr is None or not self.mgr.watch_live:
+            return False, self._watch_down()
+        return True, "ok"
+
+    def _watch_down(self) -> str:
+        since = getattr(self.mgr, "watch_down_since", None)
+        if since is None:
+            return "lease watch on etcd is not live (etcd unreachable?)"
+        return (
+            f"lease watch on etcd down for {time.monotonic() - since:.0f}s (etcd unreachable?); "
+            "packets keep flowing to the known peers"
+        )
 
     def status(self) -> dict[str, Any]:
         mgr = self.mgr
         lease = mgr.lease if mgr else None
+        backend = self.backend.status() if self.backend is not None else None
         return {
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started, 1),
@@ -406,49 +436,59 @@ class Daemon:
                 else round(lease.expiration - time.time()),
             },
             "watch_live": bool(mgr and mgr.watch_live),
-            "peers": {str(s): str(p.public_ip) for s, p in (mgr.peers() if mgr else {}).items()},
-            "engine": None
-            if self.dp is None or self.dp.engine is None
-            else {"kind": self.dp.engine.kind, **self.dp.engine.stats()},
-            "offloads": None
-            if self.dp is None or self.dp.engine is None
-            else offload_status(self.dp.engine),
+            "alive": self.check()[1],
+            "ready": self.readiness()[1],
+            "peers": {str(s): str(p.public_ip) for s, p in self.accepted.items()},
+            "ignored_peers": {str(s): t or "udp" for s, t in self._foreign.items()},
+            "backend": backend,
+            # the udp backend's engine and offloads, also at the top level (as before backends)
+            "engine": backend.get("engine") if backend else None,
+            "offloads": backend.get("offloads") if backend else None,
         }
 
     # ---------------------------------------------------------------- shutdown
 
     async def close(self) -> None:
         systemd.stopping()
+        for task in self._inner:
+            task.cancel()
+        await asyncio.gather(*self._inner, return_exceptions=True)
         if self.fw is not None:
             try:
                 await self.fw.teardown()
             except FirewallError as e:
                 log.warning("could not remove iptables rules: %s", e)
-        if self.dp is not None:
-            stats = self.dp.engine.stats() if self.dp.engine else {}
-            offl = offload_status(self.dp.engine)["counters"] if self.dp.engine else {}
-            self.dp.close()
-            if stats:
-                log.info(
-                    "engine counters at exit: %s",
-                    " ".join(f"{k}={v}" for k, v in stats.items() if v),
-                )
-            if any(offl.values()):
-                log.info(
-                    "offload counters at exit: %s",
-                    " ".join(f"{k}={v}" for k, v in offl.items() if v),
-                )
+        if self.backend is not None:
+            try:
+                await self.backend.close()
+            except FATAL as e:
+                log.warning("could not close the %s backend: %s", self.backend.name, e)
         if self.health is not None:
             await self.health.close()
         await self.store.close()
         if self.mgr is not None and self.mgr.lease is not None:
             log.info("stopped; lease %s kept until it expires", self.mgr.lease.subnet)
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
 
-async def run(opts: Options) -> int:
+def _describe_backend(cfg: NetworkConfig) -> str:
+    b = cfg.backend
+    if b.type == "udp":
+        return f"udp port {b.port}"
+    if b.type == "vxlan":
+        extra = [f"vni {b.vni}", f"port {b.port}"]
+        extra += [name for name, on in (("gbp", b.gbp), ("learning", b.learning),
+                                        ("DirectRouting", b.direct_routing)) if on]  # fmt: skip
+        return "vxlan " + ", ".join(extra)
+    return b.type
+
+
+async def run(opts: Options, store: LeaseStore, platform: Platform | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the process exit status.
 
-    The CLI runs this coroutine on the chosen event loop (uvloop or asyncio).
+    The CLI builds the store and runs this coroutine on the chosen event loop (uvloop or asyncio).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -461,7 +501,7 @@ async def run(opts: Options) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    daemon = Daemon(opts)
+    daemon = Daemon(opts, store, platform)
     stopper = asyncio.ensure_future(stop.wait())
     running: list[asyncio.Future[Any]] = []
     status = 0

@@ -1,6 +1,8 @@
-"""A tiny HTTP/1.1 health server on asyncio streams: ``GET /healthz`` and ``GET /status``.
+"""A tiny HTTP/1.1 health server on asyncio streams: ``/healthz``, ``/readyz`` and ``/status``.
 
-``/healthz`` answers 200 ``ok`` when ``check()`` says so, else 503 with its one-line reason;
+``/healthz`` (liveness) answers 200 when ``check()`` says healthy, else 503; ``/readyz``
+(readiness) the same with ``ready()``. The body is the check's one-line text (``ok`` when it has
+none), so a healthy answer can still say what is degraded (e.g. etcd out of reach).
 ``/status`` answers 200 with ``status()`` as JSON (the daemon supplies lease, peers, counters).
 One request per connection (``Connection: close``). A client gets ``timeout`` seconds in total to
 send its request head and read the answer, heads are capped at 8 KiB, and at most ``max_clients``
@@ -45,7 +47,8 @@ class _BadRequest(Exception):
 
 
 class HealthServer:
-    """``HealthServer(host, port, check, status)``; ``await start()`` ... ``await close()``."""
+    """``HealthServer(host, port, check, status, ready=...)``; ``await start()`` ...
+    ``await close()``. Without ``ready``, ``/readyz`` is 404."""
 
     def __init__(
         self,
@@ -54,12 +57,14 @@ class HealthServer:
         check: Callable[[], tuple[bool, str]],
         status: Callable[[], dict[str, Any]] | None = None,
         *,
+        ready: Callable[[], tuple[bool, str]] | None = None,
         timeout: float = 5.0,
         max_clients: int = 32,
     ) -> None:
         self.host = host
         self._port = port
         self.check = check
+        self.ready = ready
         self.status = status
         self.timeout = timeout
         self.max_clients = max_clients
@@ -180,18 +185,22 @@ class HealthServer:
 
     def _route(self, method: str, path: str) -> tuple[int, str, str]:
         """(status code, content type, body) for a well-formed request."""
-        if path not in ("/healthz", "/status") or (path == "/status" and self.status is None):
+        checks = {"/healthz": self.check, "/readyz": self.ready}
+        if (path not in checks and path != "/status") or (
+            (checks.get(path) if path in checks else self.status) is None
+        ):
             return 404, "text/plain", "not found\n"
         if method not in ("GET", "HEAD"):
             raise _BadRequest(405, "only GET and HEAD")
-        if path == "/healthz":
+        check = checks.get(path)
+        if check is not None:
             try:
-                healthy, reason = self.check()
+                healthy, reason = check()
             except Exception as e:
-                log.warning("healthz: check failed: %s", e)
+                log.warning("%s: check failed: %s", path.lstrip("/"), e)
                 return 500, "text/plain", f"health check failed: {_one_line(str(e))}\n"
             if healthy:
-                return 200, "text/plain", "ok\n"
+                return 200, "text/plain", f"{_one_line(reason) or 'ok'}\n"
             return 503, "text/plain", f"{_one_line(reason) or 'unhealthy'}\n"
         assert self.status is not None
         try:

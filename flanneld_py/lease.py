@@ -1,15 +1,18 @@
 """Leases as flannel stores them in etcd: key and JSON codec, and the peer events (pure).
 
-A lease is the pair (subnet -> PublicIP) under ``<prefix>/subnets/<net>-<len>``, e.g.
-``/coreos.com/network/subnets/10.5.18.0-24`` = ``{"PublicIP":"10.99.0.1","PublicIPv6":null}``.
+A lease maps a subnet to a host under ``<prefix>/subnets/<net>-<len>``, e.g.
+``/coreos.com/network/subnets/10.5.18.0-24`` = ``{"PublicIP":"10.99.0.1","PublicIPv6":null}``
+(udp backend). The vxlan and host-gw backends add ``BackendType`` and, for vxlan, ``BackendData``
+(``{"VNI":1,"VtepMAC":"7a:21:bb:fd:37:49"}``), in that key order, as flanneld v0.20 writes them.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 __all__ = [
     "Lease",
@@ -17,6 +20,8 @@ __all__ = [
     "LeaseEvent",
     "LeaseFormatError",
     "LeaseRemoved",
+    "LeaseValue",
+    "decode_lease",
     "decode_lease_value",
     "diff_leases",
     "encode_lease_value",
@@ -34,11 +39,26 @@ class LeaseFormatError(ValueError):
 
 
 @dataclass(frozen=True)
+class LeaseValue:
+    """What a lease value says: the host's PublicIP and its backend's attributes."""
+
+    public_ip: IPv4Address
+    #: ``BackendType`` as written ("vxlan", "host-gw"); None when absent (the udp backend)
+    backend_type: str | None = None
+    #: ``BackendData`` (a JSON object) or None when absent/null
+    backend_data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Lease:
     subnet: IPv4Network
     public_ip: IPv4Address
     #: wall-clock (time.time()) expiry if known, else None
-    expiration: float | None = None
+    expiration: float | None = field(default=None, compare=False)
+    #: ``BackendType`` of the lease (None = absent, i.e. the udp backend)
+    backend_type: str | None = None
+    #: ``BackendData`` of the lease (vxlan: ``{"VNI": 1, "VtepMAC": "..."}``)
+    backend_data: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,15 +104,30 @@ def parse_lease_key(key: str) -> IPv4Network:
     return net
 
 
-def encode_lease_value(public_ip: IPv4Address) -> bytes:
-    """The value real flanneld (v0.15+) writes for a UDP-backend lease, byte for byte."""
-    return json.dumps(
-        {"PublicIP": str(public_ip), "PublicIPv6": None}, separators=(",", ":")
-    ).encode()
+def encode_lease_value(
+    public_ip: IPv4Address,
+    backend_type: str | None = None,
+    backend_data: dict[str, Any] | None = None,
+) -> bytes:
+    """The value real flanneld (v0.15+) writes, byte for byte: udp ``{"PublicIP":…,
+    "PublicIPv6":null}``; host-gw adds ``"BackendType":"host-gw"``; vxlan adds
+    ``"BackendType":"vxlan","BackendData":{…}`` (``backend_data`` keeps its key order)."""
+    doc: dict[str, Any] = {"PublicIP": str(public_ip), "PublicIPv6": None}
+    if backend_type is not None:
+        doc["BackendType"] = backend_type
+    if backend_data is not None:
+        doc["BackendData"] = backend_data
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def decode_lease_value(value: bytes | str) -> IPv4Address:
     """PublicIP of a lease value; field names are case-insensitive as in Go's decoder."""
+    return decode_lease(value).public_ip
+
+
+def decode_lease(value: bytes | str) -> LeaseValue:
+    """PublicIP, BackendType and BackendData of a lease value (case-insensitive field names,
+    unknown fields ignored, as Go's decoder). Raises LeaseFormatError."""
     try:
         doc = json.loads(value)
     except (ValueError, UnicodeDecodeError) as e:
@@ -104,9 +139,16 @@ def decode_lease_value(value: bytes | str) -> IPv4Address:
     if not isinstance(ip, str):
         raise LeaseFormatError("lease value has no PublicIP string")
     try:
-        return IPv4Address(ip)
+        public_ip = IPv4Address(ip)
     except ValueError:
         raise LeaseFormatError(f"lease PublicIP {ip!r} is not an IPv4 address") from None
+    btype = fields.get("backendtype")
+    if btype is not None and not isinstance(btype, str):
+        raise LeaseFormatError("lease BackendType is not a string")
+    bdata = fields.get("backenddata")
+    if bdata is not None and not isinstance(bdata, dict):
+        raise LeaseFormatError("lease BackendData is not a JSON object")
+    return LeaseValue(public_ip, btype or None, bdata)
 
 
 def diff_leases(old: dict[IPv4Network, Lease], new: dict[IPv4Network, Lease]) -> list[LeaseEvent]:
@@ -114,6 +156,6 @@ def diff_leases(old: dict[IPv4Network, Lease], new: dict[IPv4Network, Lease]) ->
     events: list[LeaseEvent] = [LeaseRemoved(s) for s in old if s not in new]
     for subnet, lease in new.items():
         prev = old.get(subnet)
-        if prev is None or prev.public_ip != lease.public_ip:
+        if prev is None or prev != lease:  # expiry is not compared: a renewal is no change
             events.append(LeaseAdded(lease))
     return events

@@ -36,7 +36,9 @@ __all__ = [
     "configure_tun",
     "delete_link",
     "delete_route",
+    "ensure_guard_route",
     "find_external_interface",
+    "guard_routes",
     "link_mtu",
     "replace_route",
     "route_get",
@@ -46,6 +48,13 @@ __all__ = [
 RT_TABLE_MAIN = 254
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
+RTN_UNICAST = 1
+RTN_UNREACHABLE = 7
+#: ``proto`` of the routes flanneld-py installs (``ip route ... proto 102``), so that ours can be
+#: told from the user's and from other daemons' (unassigned in iproute2's rt_protos)
+RTPROT_FLANNELD_PY = 102
+#: metric of the guard route: far below any route a backend or a user installs for the network
+GUARD_METRIC = 0x7FFF0000
 
 
 class NetlinkError(Exception):
@@ -340,6 +349,54 @@ def delete_route(dst: IPv4Network, dev: str | None = None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# the guard route: while no backend route covers a destination in the network (daemon down,
+# peer unknown), packets for it are refused with ICMP host unreachable instead of leaving by the
+# default route unencapsulated. It outlives the process on purpose.
+
+
+def guard_routes() -> list[IPv4Network]:
+    """Destinations of our guard routes (``unreachable <net> proto 102 metric GUARD_METRIC``)."""
+    with _ipr("cannot list routes") as ipr:
+        return [
+            IPv4Network(f"{msg.get('dst') or '0.0.0.0'}/{msg['dst_len']}")
+            for msg in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+            if msg["type"] == RTN_UNREACHABLE
+            and msg["proto"] == RTPROT_FLANNELD_PY
+            and int(msg.get("priority") or 0) == GUARD_METRIC
+        ]
+
+
+def ensure_guard_route(network: IPv4Network) -> list[IPv4Network]:
+    """Install the guard route for ``network`` and remove our guards for any other network (a
+    changed config). Returns the removed ones. Idempotent."""
+    network = IPv4Network(network)
+    removed = []
+    for old in guard_routes():
+        if old != network:
+            with _ipr(f"cannot remove the old guard route for {old}") as ipr:
+                ipr.route(
+                    "del",
+                    type=RTN_UNREACHABLE,
+                    dst=str(old.network_address),
+                    dst_len=old.prefixlen,
+                    priority=GUARD_METRIC,
+                    table=RT_TABLE_MAIN,
+                )
+            removed.append(old)
+    with _ipr(f"cannot add the guard route unreachable {network} metric {GUARD_METRIC}") as ipr:
+        ipr.route(
+            "replace",
+            type=RTN_UNREACHABLE,
+            dst=str(network.network_address),
+            dst_len=network.prefixlen,
+            priority=GUARD_METRIC,
+            proto=RTPROT_FLANNELD_PY,
+            table=RT_TABLE_MAIN,
+        )
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
 # the external interface
 
 
@@ -481,3 +538,448 @@ def find_external_interface(
         mtu=link.mtu,
         public_ip=pub if pub is not None else address,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# vxlan and host-gw backends: vxlan devices, addresses, neighbours, FDB entries and our routes.
+# Every route installed here carries ``proto RTPROT_FLANNELD_PY``; the guard route (type
+# unreachable) is never touched by these functions.
+
+__all__ += [
+    "FdbEntry",
+    "LinkExistsError",
+    "LinkInfo",
+    "Neighbour",
+    "RouteInfo",
+    "VxlanAttrs",
+    "VxlanSpec",
+    "create_vxlan",
+    "delete_fdb",
+    "delete_neigh",
+    "delete_proto_route",
+    "ensure_v4_address",
+    "fdb_entries",
+    "link_info",
+    "links_by_kind",
+    "neighbours",
+    "replace_fdb",
+    "replace_neigh",
+    "replace_proto_route",
+    "route_entries",
+    "set_link_up",
+]
+
+RTPROT_KERNEL = 2
+RT_SCOPE_HOST = 254
+#: ``onlink`` (rtmsg flags): the gateway is on the link even without a covering connected route
+RTNH_F_ONLINK = 4
+NUD_PERMANENT = 0x80
+#: neighbour flag ``self`` (the device's own FDB, not its master bridge's)
+NTF_SELF = 0x02
+_IFF_UP = 0x1
+_AF_BRIDGE = 7
+
+
+class LinkExistsError(NetlinkError):
+    """The interface to create already exists (EEXIST)."""
+
+
+@dataclass(frozen=True)
+class VxlanAttrs:
+    """The vxlan attributes of a link (``ip -d link show``)."""
+
+    vni: int
+    #: ``local`` (source address of the encapsulated packets)
+    local: IPv4Address | None
+    #: ifindex of the lower device (``dev``), None if not bound to one
+    link: int | None
+    #: destination UDP port (``dstport``)
+    port: int
+    learning: bool
+    gbp: bool
+    l2miss: bool = False
+    l3miss: bool = False
+    proxy: bool = False
+    #: multicast group / default remote, None if unset
+    group: IPv4Address | None = None
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    name: str
+    index: int
+    #: ``IFLA_INFO_KIND`` ("vxlan", "veth", "bridge", "tun", ...), None for plain devices
+    kind: str | None
+    #: lower-case colon form, None without an L2 address
+    mac: str | None
+    mtu: int
+    #: administratively up (IFF_UP)
+    up: bool
+    vxlan: VxlanAttrs | None = None
+
+
+@dataclass(frozen=True)
+class VxlanSpec:
+    """What :func:`create_vxlan` builds: ``ip link add NAME address MAC type vxlan id VNI local
+    LOCAL dev DEV dstport PORT nolearning|learning [gbp]`` (ttl auto, no group, no l2miss/l3miss
+    /proxy); ``mtu`` None = the kernel's choice (lower device MTU - 50)."""
+
+    name: str
+    vni: int
+    mac: str
+    local: IPv4Address
+    dev: str
+    port: int
+    learning: bool = False
+    gbp: bool = False
+    mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    ip: IPv4Address
+    mac: str | None
+    #: NUD state bits (NUD_PERMANENT = 0x80)
+    state: int
+
+    @property
+    def permanent(self) -> bool:
+        return bool(self.state & NUD_PERMANENT)
+
+
+@dataclass(frozen=True)
+class FdbEntry:
+    mac: str
+    #: remote VTEP (``dst``), None for entries without one
+    dst: IPv4Address | None
+    state: int
+
+    @property
+    def permanent(self) -> bool:
+        return bool(self.state & NUD_PERMANENT)
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """A main-table IPv4 route of any type, with what tells ours from others'."""
+
+    dst: IPv4Network
+    #: RTN_* (1 unicast, 7 unreachable, ...)
+    type: int
+    #: RTPROT_* (2 kernel, 3 boot, 4 static, 102 ours)
+    proto: int
+    gateway: IPv4Address | None
+    dev: str | None
+    metric: int = 0
+    onlink: bool = False
+    scope: int = RT_SCOPE_UNIVERSE
+
+
+def _mac(value: Any) -> str | None:
+    return str(value).lower() if value else None
+
+
+def _link_info(msg: Any) -> LinkInfo:
+    info = msg.get("linkinfo")
+    kind = info.get("kind") if info is not None else None
+    vx: VxlanAttrs | None = None
+    if kind == "vxlan" and info is not None:
+        data = info.get("data")
+        if data is not None:
+            local = data.get("vxlan_local")
+            group = data.get("vxlan_group")
+            link = data.get("vxlan_link")
+            vx = VxlanAttrs(
+                vni=int(data.get("vxlan_id") or 0),
+                local=IPv4Address(local) if local else None,
+                link=int(link) if link else None,
+                port=int(data.get("vxlan_port") or 0),
+                learning=bool(data.get("vxlan_learning")),
+                gbp=bool(data.get("vxlan_gbp")),
+                l2miss=bool(data.get("vxlan_l2miss")),
+                l3miss=bool(data.get("vxlan_l3miss")),
+                proxy=bool(data.get("vxlan_proxy")),
+                group=IPv4Address(group) if group and group != "0.0.0.0" else None,
+            )
+    return LinkInfo(
+        name=str(msg.get("ifname")),
+        index=int(msg["index"]),
+        kind=str(kind) if kind else None,
+        mac=_mac(msg.get("address")),
+        mtu=int(msg.get("mtu") or 0),
+        up=bool(int(msg["flags"]) & _IFF_UP),
+        vxlan=vx,
+    )
+
+
+def link_info(name: str) -> LinkInfo | None:
+    """Kind, MAC, MTU, state and vxlan attributes of interface ``name``; None if absent."""
+    with _ipr(f"cannot read interface {name}") as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        try:
+            (msg,) = ipr.get_links(found[0])
+        except _PyrouteNetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise
+        return _link_info(msg)
+
+
+def links_by_kind(kind: str | None = None) -> list[LinkInfo]:
+    """All interfaces (of ``kind`` if given, e.g. "vxlan"), by index."""
+    with _ipr("cannot list network interfaces") as ipr:
+        out = [_link_info(msg) for msg in ipr.get_links()]
+    out.sort(key=lambda lk: lk.index)
+    return [lk for lk in out if kind is None or lk.kind == kind]
+
+
+def create_vxlan(spec: VxlanSpec) -> None:
+    """Create the vxlan device ``spec`` describes, then set ``accept_ra=0`` on it (when IPv6 is
+    on). LinkExistsError if an interface of that name exists."""
+    what = f"cannot create vxlan device {spec.name}"
+    with _ipr(what) as ipr:
+        lower = ipr.link_lookup(ifname=spec.dev)
+        if not lower:
+            raise NetlinkError(f"{what}: no network interface named {spec.dev}")
+        kw: dict[str, Any] = {
+            "ifname": spec.name,
+            "kind": "vxlan",
+            "address": spec.mac,
+            "vxlan_id": spec.vni,
+            "vxlan_local": str(spec.local),
+            "vxlan_link": lower[0],
+            "vxlan_port": spec.port,
+            "vxlan_learning": 1 if spec.learning else 0,
+            "vxlan_ttl": 0,
+        }
+        if spec.gbp:
+            kw["vxlan_gbp"] = True
+        if spec.mtu is not None:
+            kw["mtu"] = spec.mtu
+        try:
+            ipr.link("add", **kw)
+        except _PyrouteNetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                raise LinkExistsError(f"{what}: {os.strerror(errno.EEXIST)}") from None
+            raise
+    accept_ra = Path(f"/proc/sys/net/ipv6/conf/{spec.name}/accept_ra")
+    if accept_ra.exists():
+        with _step(f"cannot set net.ipv6.conf.{spec.name}.accept_ra=0"):
+            accept_ra.write_text("0\n")
+
+
+def set_link_up(name: str, mtu: int | None = None) -> None:
+    """``ip link set NAME [mtu MTU] up``."""
+    with _ipr(f"cannot bring {name} up") as ipr:
+        kw: dict[str, Any] = {"index": _index(ipr, name), "state": "up"}
+        if mtu is not None:
+            kw["mtu"] = mtu
+        ipr.link("set", **kw)
+
+
+def ensure_v4_address(name: str, address: IPv4Address, network: IPv4Network) -> list[IPv4Interface]:
+    """Give ``name`` the address ``address``/32, removing its other IPv4 addresses that lie inside
+    ``network`` and keeping the rest (flannel v0.20.2's EnsureV4AddressOnLink). Returns the
+    removed addresses."""
+    address = IPv4Address(address)
+    network = IPv4Network(network)
+    removed: list[IPv4Interface] = []
+    with _ipr(f"cannot set address {address}/32 on {name}") as ipr:
+        idx = _index(ipr, name)
+        have = False
+        for cur in _addrs(ipr, idx):
+            if cur.ip == address and cur.network.prefixlen == 32:
+                have = True
+            elif cur.ip in network:
+                with _step(f"cannot remove address {cur} from {name}"):
+                    ipr.addr("del", index=idx, address=str(cur.ip), prefixlen=cur.network.prefixlen)
+                removed.append(cur)
+        if not have:
+            ipr.addr("add", index=idx, address=str(address), prefixlen=32)
+    return removed
+
+
+def replace_neigh(dev: str, ip: IPv4Address, mac: str) -> None:
+    """``ip neigh replace IP lladdr MAC dev DEV nud permanent``."""
+    with _ipr(f"cannot set neighbour {ip} lladdr {mac} on {dev}") as ipr:
+        ipr.neigh("replace", dst=str(ip), lladdr=mac, ifindex=_index(ipr, dev), state=NUD_PERMANENT)
+
+
+def delete_neigh(dev: str, ip: IPv4Address) -> bool:
+    """``ip neigh del IP dev DEV``; False if there was no such entry (or no such device)."""
+    with _ipr(f"cannot delete neighbour {ip} on {dev}") as ipr:
+        found = ipr.link_lookup(ifname=dev)
+        if not found:
+            return False
+        try:
+            ipr.neigh("del", dst=str(ip), ifindex=found[0])
+        except _PyrouteNetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ESRCH, errno.ENODEV):
+                return False
+            raise
+        return True
+
+
+def neighbours(dev: str) -> list[Neighbour]:
+    """IPv4 neighbour entries of ``dev`` (``ip -4 neigh show dev DEV``)."""
+    with _ipr(f"cannot list the neighbours of {dev}") as ipr:
+        idx = _index(ipr, dev)
+        out = []
+        for msg in ipr.neigh("dump", ifindex=idx, family=socket.AF_INET):
+            if int(msg["ifindex"]) != idx or not msg.get("dst"):
+                continue
+            out.append(
+                Neighbour(IPv4Address(msg.get("dst")), _mac(msg.get("lladdr")), int(msg["state"]))
+            )
+        return out
+
+
+def replace_fdb(dev: str, mac: str, dst: IPv4Address) -> None:
+    """``bridge fdb replace MAC dev DEV dst DST self permanent``."""
+    with _ipr(f"cannot set FDB entry {mac} dst {dst} on {dev}") as ipr:
+        ipr.fdb(
+            "replace",
+            ifindex=_index(ipr, dev),
+            lladdr=mac,
+            dst=str(dst),
+            state=NUD_PERMANENT,
+            flags=NTF_SELF,
+        )
+
+
+def delete_fdb(dev: str, mac: str, dst: IPv4Address | None = None) -> bool:
+    """``bridge fdb del MAC dev DEV [dst DST] self``; False if absent (or no such device).
+
+    The kernel acknowledges a delete whose ``dst`` matches no remote of the MAC without deleting
+    anything, so the entry is looked up first."""
+    mac = mac.lower()
+    with _ipr(f"cannot delete FDB entry {mac} on {dev}") as ipr:
+        found = ipr.link_lookup(ifname=dev)
+        if not found:
+            return False
+        present = False
+        for msg in ipr.fdb("dump", ifindex=found[0]):
+            if int(msg["ifindex"]) == found[0] and _mac(msg.get("lladdr")) == mac:
+                cur = msg.get("dst")
+                present = present or dst is None or (cur is not None and IPv4Address(cur) == dst)
+        if not present:
+            return False
+        kw: dict[str, Any] = {"ifindex": found[0], "lladdr": mac}
+        if dst is not None:
+            kw["dst"] = str(dst)
+        try:
+            ipr.fdb("del", **kw)
+        except _PyrouteNetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ESRCH, errno.ENODEV):
+                return False
+            raise
+        return True
+
+
+def fdb_entries(dev: str) -> list[FdbEntry]:
+    """FDB entries of ``dev`` itself (``bridge fdb show dev DEV``, ``self`` entries)."""
+    with _ipr(f"cannot list the FDB of {dev}") as ipr:
+        idx = _index(ipr, dev)
+        out = []
+        for msg in ipr.fdb("dump", ifindex=idx):
+            mac = _mac(msg.get("lladdr"))
+            if int(msg["ifindex"]) != idx or mac is None:
+                continue
+            dst = msg.get("dst")
+            out.append(FdbEntry(mac, IPv4Address(dst) if dst else None, int(msg["state"])))
+        return out
+
+
+def _route_what(
+    verb: str, dst: IPv4Network, gateway: IPv4Address | None, dev: str | None, onlink: bool
+) -> str:
+    what = f"cannot {verb} route {dst}"
+    if gateway is not None:
+        what += f" via {gateway}"
+    if dev is not None:
+        what += f" dev {dev}"
+    if onlink:
+        what += " onlink"
+    return what
+
+
+def replace_proto_route(
+    dst: IPv4Network,
+    gateway: IPv4Address | None = None,
+    dev: str | None = None,
+    onlink: bool = False,
+) -> None:
+    """``ip route replace DST [via GW] [dev DEV] [onlink] proto 102`` in the main table (metric
+    0). An off-link gateway without ``onlink`` fails with "Network is unreachable"."""
+    dst = IPv4Network(dst)
+    with _ipr(_route_what("set", dst, gateway, dev, onlink)) as ipr:
+        kw: dict[str, Any] = {
+            "dst": str(dst.network_address),
+            "dst_len": dst.prefixlen,
+            "table": RT_TABLE_MAIN,
+            "proto": RTPROT_FLANNELD_PY,
+        }
+        if gateway is not None:
+            kw["gateway"] = str(gateway)
+        else:
+            kw["scope"] = RT_SCOPE_LINK
+        if dev is not None:
+            kw["oif"] = _index(ipr, dev)
+        if onlink:
+            kw["flags"] = RTNH_F_ONLINK
+        ipr.route("replace", **kw)
+
+
+def delete_proto_route(
+    dst: IPv4Network, gateway: IPv4Address | None = None, dev: str | None = None
+) -> bool:
+    """Delete our (proto 102) main-table route to ``dst`` (matching ``gateway``/``dev`` when
+    given); False if there is none. Routes of other protos are never touched."""
+    dst = IPv4Network(dst)
+    with _ipr(_route_what("delete", dst, gateway, dev, False)) as ipr:
+        kw: dict[str, Any] = {
+            "dst": str(dst.network_address),
+            "dst_len": dst.prefixlen,
+            "table": RT_TABLE_MAIN,
+            "proto": RTPROT_FLANNELD_PY,
+        }
+        if gateway is not None:
+            kw["gateway"] = str(gateway)
+        if dev is not None:
+            found = ipr.link_lookup(ifname=dev)
+            if not found:
+                return False
+            kw["oif"] = found[0]
+        try:
+            ipr.route("del", **kw)
+        except _PyrouteNetlinkError as exc:
+            if exc.code == errno.ESRCH:
+                return False
+            raise
+        return True
+
+
+def route_entries() -> list[RouteInfo]:
+    """Every IPv4 route of the main table, of any type and proto."""
+    with _ipr("cannot list routes") as ipr:
+        names = {int(m["index"]): str(m.get("ifname")) for m in ipr.get_links()}
+        out = []
+        for msg in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+            if msg.get("table") != RT_TABLE_MAIN:
+                continue
+            base = _route_from_msg(msg, names)
+            out.append(
+                RouteInfo(
+                    dst=base.dst,
+                    type=int(msg["type"]),
+                    proto=int(msg["proto"]),
+                    gateway=base.gateway,
+                    dev=base.dev,
+                    metric=base.metric,
+                    onlink=bool(int(msg["flags"]) & RTNH_F_ONLINK),
+                    scope=int(msg["scope"]),
+                )
+            )
+        return out

@@ -1,6 +1,7 @@
 """The daemon's settings, as parsed from flags and ``FLANNELD_*`` variables by :mod:`cli`.
 
-The defaults below are flannel's (see ``/work/shared/flannel-compat.md`` §6) plus our own flags.
+The defaults below are flannel's (its flags and defaults, as flanneld documents them) plus our own
+flags.
 ``Options()`` with no arguments is a valid configuration, which keeps tests short.
 """
 

@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 from flanneld_py.allocator import choose_subnet
 from flanneld_py.config import ConfigError, NetworkConfig, parse_config
@@ -32,6 +33,7 @@ from flanneld_py.lease import (
     LeaseAdded,
     LeaseEvent,
     LeaseFormatError,
+    decode_lease,
     decode_lease_value,
     diff_leases,
     encode_lease_value,
@@ -97,6 +99,9 @@ class SubnetManager:
         self.lease: Lease | None = None
         #: True while the peer watch is established (for healthz)
         self.watch_live = False
+        #: time.monotonic() since when the peer watch is down (lost, or not yet established
+        #: since this manager was made); None while it is live (for healthz: outage duration)
+        self.watch_down_since: float | None = time.monotonic()
         self._value = encode_lease_value(public_ip)
         self._all: dict[IPv4Network, Lease] = {}
         self._published: dict[IPv4Network, Lease] = {}
@@ -105,6 +110,13 @@ class SubnetManager:
         #: set once the first peer snapshot has been applied
         self.synced = asyncio.Event()
         self._on_peers: Callable[[list[LeaseEvent]], None] = lambda events: None
+
+    def set_lease_attrs(
+        self, backend_type: str | None, backend_data: dict[str, Any] | None
+    ) -> None:
+        """What our lease publishes besides PublicIP (the backend's BackendType/BackendData);
+        set before :meth:`acquire`."""
+        self._value = encode_lease_value(self.public_ip, backend_type, backend_data)
 
     # ------------------------------------------------------------------ config
 
@@ -158,14 +170,19 @@ class SubnetManager:
         """A lease from an etcd key-value, or None (with one warning per bad value) if malformed."""
         try:
             subnet = parse_lease_key(kv.key)
-            ip = decode_lease_value(kv.value)
+            value = decode_lease(kv.value)
         except LeaseFormatError as e:
             if self._warned.get(kv.key) != kv.value:
                 self._warned[kv.key] = kv.value
                 log.warning("ignoring malformed lease %s: %s", kv.key, e)
             return None
         self._warned.pop(kv.key, None)
-        return Lease(subnet, ip)
+        return Lease(
+            subnet,
+            value.public_ip,
+            backend_type=value.backend_type,
+            backend_data=value.backend_data,
+        )
 
     def _held(self, subnet: IPv4Network, how: str) -> Lease:
         self.lease = Lease(subnet, self.public_ip, self.clock() + self.ttl)
@@ -342,6 +359,14 @@ class SubnetManager:
         prefix = subnets_prefix(self.prefix)
         rev: int | None = None
         backoff = 0.5
+        #: a warning was logged for the current outage (then only debug until the watch is back)
+        warned = False
+
+        def down() -> None:
+            if self.watch_live:
+                self.watch_live = False
+                self.watch_down_since = time.monotonic()
+
         while True:
             try:
                 if rev is None:
@@ -355,10 +380,13 @@ class SubnetManager:
                         own_key = self._key(self.lease.subnet)
                         if own_key not in {kv.key for kv in kvs}:
                             self._note_own(own_key, None)
-                if not self.watch_live:
-                    log.info("watching %s from revision %d", prefix, rev + 1)
-                self.watch_live = True
-                async for batch in self.store.watch(prefix, rev + 1):
+                start = rev + 1
+                async for batch in self.store.watch(prefix, start):
+                    if not self.watch_live:  # the first batch ([]): etcd confirmed the watch
+                        log.info("watching %s from revision %d", prefix, start)
+                        self.watch_live = True
+                        self.watch_down_since = None
+                        warned = False
                     for ev in batch:
                         rev = max(rev, ev.revision)
                         if ev.kind == "delete":
@@ -381,15 +409,18 @@ class SubnetManager:
             except Compacted as e:
                 log.warning("%s; re-listing leases", e)
                 rev = None
+                down()
             except StoreUnavailable as e:
+                resume = "start" if rev is None else rev + 1
                 if self.watch_live:
+                    log.warning("lost the lease watch: %s; resuming from revision %s", e, resume)
+                elif not warned:
                     log.warning(
-                        "lost the lease watch: %s; resuming from revision %s",
-                        e,
-                        "start" if rev is None else rev + 1,
+                        "cannot watch the leases yet: %s; retrying from revision %s", e, resume
                     )
                 else:
                     log.debug("lease watch still down: %s", e)
-                self.watch_live = False
+                warned = True
+                down()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)

@@ -167,6 +167,8 @@ class Flanneld:
         #: how long the lab's teardown waits after SIGTERM before SIGKILL
         self.stop_timeout = stop_timeout
         self.python = python
+        #: extra environment of the daemon (e.g. NOTIFY_SOCKET), set before :meth:`start`
+        self.env: dict[str, str] = {}
         self.proc: Popen[bytes] | None = None
         #: how many times :meth:`start` ran
         self.starts = 0
@@ -221,7 +223,8 @@ class Flanneld:
         self.proc = self.ns.popen(
             self.argv(),
             self.log_path,
-            env={"PYTHONPATH": pythonpath},  # `-m flanneld_py` finds this checkout from any cwd
+            # `-m flanneld_py` finds this checkout from any cwd
+            env={**self.env, "PYTHONPATH": pythonpath},
             stop_timeout=self.stop_timeout,
         )
         if wait:
@@ -284,6 +287,10 @@ class Flanneld:
     def healthz(self) -> tuple[int, str]:
         """``GET /healthz`` from inside the host namespace: (status, body), 0 = no answer."""
         return self._get("/healthz")
+
+    def readyz(self) -> tuple[int, str]:
+        """``GET /readyz`` (readiness: lease held and the etcd watch live)."""
+        return self._get("/readyz")
 
     def status(self) -> dict[str, Any]:
         """``GET /status`` parsed (lease, peers, engine counters, ...)."""

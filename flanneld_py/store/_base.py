@@ -84,8 +84,12 @@ class LeaseStore(Protocol):
 
     def watch(self, prefix: str, start_revision: int) -> AsyncIterator[builtins.list[WatchEvent]]:
         """Events under ``prefix`` from ``start_revision`` on, in batches as etcd delivers them.
-        Raises Compacted if ``start_revision`` is compacted, StoreUnavailable when the connection
-        is lost (the caller re-watches from the last seen revision + 1)."""
+
+        The first batch is always empty (``[]``): it comes as soon as etcd has confirmed the
+        watch, before any event, so the caller knows the watch is established (and a watch that
+        fails to open raises before yielding anything). Raises Compacted if ``start_revision``
+        is compacted (etcd may say so only after confirming the watch), StoreUnavailable when
+        the connection is lost (the caller re-watches from the last seen revision + 1)."""
         ...
 
     async def close(self) -> None: ...

@@ -16,8 +16,9 @@ We use aetcd for its generated etcd v3 protobuf messages and gRPC stubs (``aetcd
   failed compare whose key already carries that lease is our own earlier write.
 - Watches: one gRPC stream per ``watch()`` call, with etcd's ``hasleader`` guard (a member that
   loses its leader ends the stream) and HTTP/2 keepalive (6 s ping, 4 s timeout: etcd answers
-  pings sent more often than every 5 s with GOAWAY "too_many_pings"). A dead member ends the
-  iterator with ``StoreUnavailable`` immediately (RST) or within ~10 s (silent network loss).
+  pings sent more often than every 5 s with GOAWAY "too_many_pings"). The iterator yields ``[]``
+  once etcd confirmed the watch, then the event batches. A dead member ends the iterator with
+  ``StoreUnavailable`` immediately (RST) or within ~10 s (silent network loss).
 - With username/password, the token is fetched on first use and fetched again when etcd says it
   is invalid (tokens expire after ``--auth-token-ttl``, 300 s by default, and die with a restart).
 - The store belongs to the event loop that first uses it.
@@ -50,6 +51,7 @@ from flanneld_py.store._base import (
     StoreUnavailable,
     WatchEvent,
 )
+from flanneld_py.tlsfiles import TlsFileError, check_tls_files
 
 __all__ = ["EtcdSettings", "EtcdStore"]
 
@@ -224,8 +226,52 @@ def _classify(code: Any, details: str | None, ep: _Endpoint, timeout: float) -> 
     return _Failure(_FATAL, f"etcd at {ep.url} failed: {code.name}: {msg or 'no details'}")
 
 
+#: the status word grpc puts before each address's error ("UNKNOWN: ", "UNAVAILABLE: ", ...)
+_STATUS_WORD = re.compile("(?:" + "|".join(c.name for c in grpc.StatusCode) + "): ")
+#: the address grpc tried: "ipv4:10.0.0.1:2379: ", "ipv6:%5B::1%5D:2379: ", "ipv6:[::1]:2379: "
+_TARGET = re.compile(r"(?:ipv4|ipv6|unix|unix-abstract):\S+?: ")
+#: grpc's wrappers around the OS error; they stack, e.g. "Failed to connect to remote host:
+#: getsockopt(SO_ERROR): No route to host", "connect failed: addr: ipv4:...:2379 error: ..."
+_SYSCALL = re.compile(
+    r"(?:Failed to connect to remote host|connect failed: addr: \S+ error|"
+    r"(?:getsockopt|setsockopt)\([A-Z_]*\)|connect\(\)|recvmsg|sendmsg|writev|readv|socket) ?: ?",
+    re.IGNORECASE,
+)
+#: " (104)" after an OS error (recvmsg:Connection reset by peer (104))
+_ERRNO = re.compile(r" \(\d+\)$")
+#: OS errors (strerror, lower case) and what we call them
+_OS_REASONS = (
+    ("connection refused", "connection refused"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network is unreachable"),
+    ("timed out", "connection timed out"),
+    ("connection reset", "connection reset"),
+)
+
+
+def _grpc_reason(details: str) -> str:
+    """The cause in a grpc connection error, without grpc's wrapping: the text after the last
+    "last error: ", less the status word, the address and the syscall names."""
+    why = details.rpartition("last error: ")[2].strip()
+    if m := _STATUS_WORD.match(why):
+        why = why[m.end() :]
+    if m := _TARGET.match(why):
+        why = why[m.end() :]
+    while m := _SYSCALL.match(why):
+        why = why[m.end() :]
+    return _ERRNO.sub("", why).strip()
+
+
+def _os_reason(why: str) -> str | None:
+    low = why.lower()
+    return next((short for text, short in _OS_REASONS if text in low), None)
+
+
 def _connection_failure(details: str, ep: _Endpoint) -> _Failure:
+    """grpc could not reach the member or lost it: say why in a few words (no grpc internals);
+    TLS problems are ``_CONFIG`` and name the flags to check."""
     low = details.lower()
+    why = _grpc_reason(details)
     if "connection refused" in low:
         return _Failure(_CONNECT, "connection refused")
     if "errors resolving" in low or "domain name not found" in low or "dns" in low:
@@ -238,9 +284,10 @@ def _connection_failure(details: str, ep: _Endpoint) -> _Failure:
         )
     if "certificate_verify_failed" in low or "certificate verify failed" in low:
         m = re.search(r"CERTIFICATE_VERIFY_FAILED: ([^:]+)", details)
-        why = m.group(1).strip() if m else "verification failed"
+        reason = m.group(1).strip() if m else "verification failed"
         return _Failure(
-            _CONFIG, f"TLS: cannot verify the certificate of etcd at {ep.url} ({why}); {_HINT_TLS}"
+            _CONFIG,
+            f"TLS: cannot verify the certificate of etcd at {ep.url} ({reason}); {_HINT_TLS}",
         )
     if "tsi_data_corrupted" in low or "bad_certificate" in low or "certificate_required" in low:
         return _Failure(
@@ -248,18 +295,59 @@ def _connection_failure(details: str, ep: _Endpoint) -> _Failure:
             f"TLS: etcd at {ep.url} rejected our client certificate (or none was given); "
             f"{_HINT_TLS}",
         )
+    if "failed to create security handshaker" in low:  # our TLS files: see flanneld_py.tlsfiles
+        return _Failure(
+            _CONFIG,
+            f"TLS: cannot set up TLS for etcd at {ep.url} (grpc could not create the TLS "
+            f"handshaker from the certificates and key given); {_HINT_TLS}",
+        )
+    # a server that does not speak TLS answers the ClientHello with plain bytes (OpenSSL:
+    # "wrong version number"; BoringSSL, in grpc: WRONG_VERSION_NUMBER) or, as etcd on plain
+    # http does, closes the connection ("Handshake read failed (Socket closed)")
+    answered_plain = any(
+        s in low for s in ("wrong_version_number", "wrong version number", "record layer failure")
+    )
+    closed = "handshake read failed (socket closed)" in low
+    if ep.tls and (answered_plain or closed):
+        what = "answered without TLS" if answered_plain else "closed the connection"
+        if ep.url.startswith("https://"):
+            hint = "is it a plain http endpoint? use http://"
+        else:  # TLS on an http:// URL because client certificates are given (as flannel)
+            hint = (
+                "TLS is used because --etcd-certfile and --etcd-keyfile are given; "
+                "for a plain http etcd leave them out"
+            )
+        return _Failure(
+            _CONFIG, f"TLS handshake with etcd at {ep.url} failed: the server {what}; {hint}"
+        )
     if "handshake" in low or "tls" in low or "ssl" in low:
-        hint = "is it a plain http endpoint? use http://" if ep.tls else _HINT_TLS
-        return _Failure(_CONFIG, f"TLS handshake with etcd at {ep.url} failed; {hint}")
+        m = re.search(r"OPENSSL_internal:([A-Z0-9_]+)", details)
+        inner = re.search(r"[Hh]andshake (?:read|write) failed \((.*)\)$", why)
+        if m:  # e.g. SSLV3_ALERT_HANDSHAKE_FAILURE -> "sslv3 alert handshake failure"
+            reason = m.group(1).lower().replace("_", " ")
+        elif inner:  # the connection broke during the handshake
+            short = _os_reason(inner.group(1))
+            if short:
+                return _Failure(_CONNECT, f"{short} during the TLS handshake")
+            reason = _grpc_reason(inner.group(1))
+        else:
+            reason = why
+        reason = f" ({reason[:200]})" if reason else ""
+        return _Failure(_CONFIG, f"TLS handshake with etcd at {ep.url} failed{reason}; {_HINT_TLS}")
     if "failed to connect" in low and low.endswith("socket closed") and not ep.tls:
         return _Failure(
             _CONNECT, "connection closed by the server (a TLS-only etcd? then use https://)"
         )
+    short = _os_reason(why)
+    if short:
+        return _Failure(_CONNECT, short)
+    if "http1.x server" in low:
+        return _Failure(
+            _CONNECT, "the server answered HTTP/1.x, not gRPC (is it etcd's client URL, port 2379?)"
+        )
     if "socket closed" in low or "stream removed" in low or "goaway" in low or "reset" in low:
         return _Failure(_CONNECT, "connection lost")
-    m = re.search(r"(?:last error: )?(?:[A-Z_]+: )?(?:ipv[46]:[^ ]+: )?(.*)$", details)
-    why = (m.group(1) if m else details)[:200]
-    return _Failure(_CONNECT, f"connection failed ({why})" if why else "connection failed")
+    return _Failure(_CONNECT, f"connection failed ({why[:200]})" if why else "connection failed")
 
 
 def _leased_kv(kv: Any) -> KV:
@@ -290,7 +378,8 @@ class _Conn:
 class EtcdStore:
     """``LeaseStore`` over etcd v3; see the module docstring for the failover rules.
 
-    Raises ``StoreError`` at construction if TLS files cannot be read. Use as
+    Raises ``StoreError`` at construction if TLS files cannot be read or used (checked by
+    ``flanneld_py.tlsfiles``: PEM certificates, a matching unencrypted key). Use as
     ``async with EtcdStore(settings) as store:`` or call ``await store.close()``.
     """
 
@@ -300,6 +389,10 @@ class EtcdStore:
         self._endpoints = [_parse_endpoint(u, tls) for u in settings.endpoints]
         self._credentials: Any = None
         if any(ep.tls for ep in self._endpoints):
+            try:  # what grpc would only report as "Failed to create security handshaker"
+                check_tls_files(settings.cafile, settings.certfile, settings.keyfile)
+            except TlsFileError as e:
+                raise StoreError(str(e)) from None
             self._credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(settings.cafile, "--etcd-cafile"),
                 private_key=_read(settings.keyfile, "--etcd-keyfile"),
@@ -400,6 +493,7 @@ class EtcdStore:
         call, conn = await self._open_watch(create)
         ep = conn.ep
         try:
+            yield []  # etcd confirmed the watch: events from start_revision on will follow
             while True:
                 try:
                     resp = await call.read()

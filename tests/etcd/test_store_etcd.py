@@ -276,6 +276,7 @@ def test_watch_put_delete_and_ttl_expiry(etcd_server: EtcdServer, run: Callable[
             await store.create("/elsewhere", b"x", 60)
             await store.create(P + "10.5.2.0-24", b"long", 60)
             await store.delete(P + "10.5.2.0-24")
+            assert await next_batch(it) == []  # etcd confirmed the watch: first, always
             got = await collect(it, 3)
             assert got == [
                 ("put", P + "10.5.1.0-24", b"short"),
@@ -301,6 +302,7 @@ def test_watch_etcd_killed_then_rewatch_loses_nothing(
             _, rev = await store.list(P)
             it = store.watch(P, rev + 1)
             await store.create(P + "10.5.1.0-24", b"a", 60)
+            assert await next_batch(it) == []
             (ev,) = await next_batch(it)
             last = ev.revision
 
@@ -344,7 +346,7 @@ def test_frozen_member_watch_and_calls_fail_in_time(
         async with store_for(etcd_server.endpoint, timeout=2.0) as store:
             it = store.watch(P, 1)
             await store.create(P + "10.5.1.0-24", b"a", 60)
-            await next_batch(it)
+            await collect(it, 1)
             await asyncio.sleep(1)  # let grpc's own pings settle: the keepalive must do the job
             etcd_server.pause()
             try:
@@ -368,8 +370,11 @@ def test_watch_compacted(etcd_server: EtcdServer, run: Callable[..., Any]) -> No
             for i in range(1, 5):
                 await store.create(P + f"10.5.{i}.0-24", b"x", 60)
             rev = etcd_server.compact()
+            # etcd confirms the watch, then cancels it for compaction (its first sync, <= 100 ms)
+            it = store.watch(P, 2)
+            assert await next_batch(it) == []
             with pytest.raises(Compacted) as err:
-                await next_batch(store.watch(P, 2))
+                await next_batch(it)
             assert err.value.compact_revision == rev
             assert isinstance(err.value, StoreError)
             # from the compact revision + 1 on, watching works
@@ -377,6 +382,33 @@ def test_watch_compacted(etcd_server: EtcdServer, run: Callable[..., Any]) -> No
             await store.delete(P + "10.5.1.0-24")
             assert await collect(it, 1) == [("delete", P + "10.5.1.0-24", b"")]
             await it.aclose()  # type: ignore[attr-defined]
+
+    run(main())
+
+
+def test_watch_confirmation_is_one_empty_batch_before_any_event(
+    etcd_server: EtcdServer, run: Callable[..., Any]
+) -> None:
+    """``[]`` once etcd confirmed the watch (even with nothing to report), then only events; a
+    watch that cannot be opened raises before yielding anything."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with store_for(etcd_server.endpoint) as store:
+            _, rev = await store.list(P)
+            it = store.watch(P, rev + 1)
+            assert await next_batch(it) == []
+            assert await open_watches(etcd_server, 1) == (1, 1)  # etcd holds the watcher now
+            await store.create(P + "10.5.1.0-24", b"a", 60)
+            assert [(e.kind, e.key) for e in await next_batch(it)] == [("put", P + "10.5.1.0-24")]
+            await store.delete(P + "10.5.1.0-24")
+            assert [(e.kind, e.key) for e in await next_batch(it)] == [
+                ("delete", P + "10.5.1.0-24")
+            ]
+            await it.aclose()  # type: ignore[attr-defined]
+            await loop.run_in_executor(None, etcd_server.kill)
+            with pytest.raises(StoreUnavailable, match="connection refused"):
+                await next_batch(store.watch(P, rev + 1))
 
     run(main())
 
@@ -432,7 +464,7 @@ def test_watch_release_on_close_cancel_and_store_close(
             await asyncio.sleep(0.3)
         with pytest.raises(StoreError, match="closed"):
             await asyncio.wait_for(consumer, 3)
-        assert got == []
+        assert got == [[], []]  # each consumer got the confirmation of its watch, no event
         with pytest.raises(StoreError, match="closed"):
             await store.get(P)
         assert await open_watches(etcd_server, 0) == (0, 0)  # etcd saw every stream go
@@ -513,6 +545,7 @@ def test_cluster_member_in_use_killed(etcd_cluster3: EtcdCluster, run: Callable[
             assert store.current_endpoint == cluster[leader].endpoint
             it = store.watch(P, first.revision + 1)
             await store.create(P + "10.5.2.0-24", b"b", 60)
+            assert await next_batch(it) == []
             (ev,) = await next_batch(it)
 
             await loop.run_in_executor(None, cluster.kill, leader)
@@ -612,6 +645,44 @@ def test_tls_client_certificates(
         assert all("\n" not in m for m in messages.values())
 
     run(main())
+
+
+def test_https_to_a_plain_http_etcd_says_so(
+    etcd_server: EtcdServer, run: Callable[..., Any]
+) -> None:
+    """grpc reports "Handshake read failed (Socket closed)" here (etcd closes the connection on
+    a ClientHello): the plain-http hint is plausible, and the only hint."""
+    url = f"https://127.0.0.1:{etcd_server.client_port}"
+
+    async def main() -> None:
+        async with store_for(url) as store:
+            with pytest.raises(StoreError) as err:
+                await store.get("/k")
+        assert not isinstance(err.value, StoreUnavailable)
+        assert str(err.value) == (
+            f"TLS handshake with etcd at {url} failed: the server closed the connection; "
+            "is it a plain http endpoint? use http://"
+        )
+
+    run(main())
+
+
+def test_unusable_tls_files_are_refused_at_construction(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "tls")
+    key, cert = str(tls.client_key), str(tls.client_cert)
+    with pytest.raises(StoreError) as err:
+        store_for("https://127.0.0.1:2379", certfile=key, keyfile=cert)
+    assert str(err.value) == (
+        f"--etcd-certfile/--etcd-keyfile are swapped: --etcd-certfile {key} holds a private key "
+        f"and --etcd-keyfile {cert} a certificate (--etcd-certfile takes the certificate, "
+        "--etcd-keyfile the key)"
+    )
+    with pytest.raises(StoreError) as err:
+        store_for("https://127.0.0.1:2379", cafile=key)
+    assert (
+        str(err.value)
+        == f"--etcd-cafile {key}: not a PEM certificate bundle (it holds a private key)"
+    )
 
 
 def test_username_password(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -15,6 +16,7 @@ from flanneld_py.lease import Lease, LeaseEvent, lease_key
 from flanneld_py.store import LeaseStore, WatchEvent
 from flanneld_py.store.etcd import EtcdSettings, EtcdStore
 from flanneld_py.subnets import PoolExhausted, SubnetManager
+from lab.etcd import free_port
 
 PREFIX = "/coreos.com/network"
 CONFIG = '{"Network": "10.5.0.0/16", "Backend": {"Type": "udp"}}'
@@ -380,5 +382,121 @@ def test_three_member_cluster_member_in_use_killed(etcd_cluster3: Any) -> None:
         finally:
             await store.close()
             await other.close()
+
+    run(main())
+
+
+def _subnet_lines(caplog: pytest.LogCaptureFixture, start: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "flanneld_py.subnets" and r.getMessage().startswith(start)
+    ]
+
+
+def test_watch_logged_only_when_established_and_outage_warned_once(
+    etcd_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The "watching ... from revision N" line means etcd confirmed the watch: while etcd is
+    dead it is not repeated per retry, and "lost the lease watch" is one warning per outage."""
+    caplog.set_level(logging.DEBUG, logger="flanneld_py.subnets")
+    watching = f"watching {PREFIX}/subnets/ from revision "
+
+    async def main() -> None:
+        await store_put(etcd_server, f"{PREFIX}/config", CONFIG)
+        store = store_for([etcd_server.endpoint])
+        other = store_for([etcd_server.endpoint])
+        try:
+            t_made = time.monotonic()
+            me = await agent(store, 1)
+            cfg = await me.wait_config(0.1)
+            await me.acquire(cfg)
+            # not established yet: down since the manager was made
+            assert not me.watch_live
+            assert me.watch_down_since is not None and me.watch_down_since >= t_made
+            peers = Peers()
+            task = asyncio.ensure_future(me.watch_peers(peers, max_backoff=0.2))
+            try:
+                await until(lambda: me.watch_live, what="the watch to be established")
+                assert me.watch_down_since is None
+                assert len(_subnet_lines(caplog, watching)) == 1
+
+                t_kill = time.monotonic()
+                await asyncio.to_thread(etcd_server.kill)
+                await until(lambda: not me.watch_live, what="the watch to notice etcd is gone")
+                since = me.watch_down_since
+                assert since is not None and t_kill <= since <= time.monotonic()
+                await until(
+                    lambda: len(_subnet_lines(caplog, "lease watch still down: ")) >= 4,
+                    what="a few failed re-watch attempts",
+                )
+                assert len(_subnet_lines(caplog, watching)) == 1  # no "watching" per retry
+                (lost,) = _subnet_lines(caplog, "lost the lease watch: ")
+                assert lost.startswith(
+                    f"lost the lease watch: lost the watch on etcd at {etcd_server.endpoint}: "
+                )
+                assert "; resuming from revision " in lost
+                assert me.watch_down_since == since  # the outage began once, at the loss
+
+                await asyncio.to_thread(etcd_server.restart)
+                await until(lambda: me.watch_live, what="the watch to come back")
+                assert me.watch_down_since is None
+                lines = _subnet_lines(caplog, watching)
+                assert len(lines) == 2  # exactly one new line, once etcd confirmed the watch
+                assert len(_subnet_lines(caplog, "lost the lease watch: ")) == 1
+                # and the watch works: a lease added now shows up
+                b = await (await agent(other, 3)).acquire(cfg)
+                await until(lambda: b.subnet in peers.routes, what="the lease added after")
+                assert len(_subnet_lines(caplog, watching)) == 2
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await store.close()
+            await other.close()
+
+    run(main())
+
+
+def test_watch_never_established_warns_once_then_logs_watching_once(
+    etcd_factory: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """etcd not running when the watch starts: one warning, debug for the retries, no
+    "watching" line until etcd (started later on that port) confirms the watch."""
+    caplog.set_level(logging.DEBUG, logger="flanneld_py.subnets")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    watching = f"watching {PREFIX}/subnets/ from revision "
+
+    async def main() -> None:
+        store = store_for([url])
+        try:
+            me = await agent(store, 1)
+            made = me.watch_down_since
+            assert made is not None
+            task = asyncio.ensure_future(me.watch_peers(Peers(), max_backoff=0.2))
+            try:
+                await until(
+                    lambda: len(_subnet_lines(caplog, "lease watch still down: ")) >= 3,
+                    what="a few failed attempts",
+                )
+                (first,) = _subnet_lines(caplog, "cannot watch the leases yet: ")
+                assert first == (
+                    f"cannot watch the leases yet: etcd unreachable at {url}: connection "
+                    "refused; check --etcd-endpoints and that etcd is running; retrying from "
+                    "revision start"
+                )
+                assert _subnet_lines(caplog, watching) == []
+                assert _subnet_lines(caplog, "lost the lease watch") == []
+                assert not me.watch_live and me.watch_down_since == made
+                await asyncio.to_thread(etcd_factory, client_port=port)
+                await until(lambda: me.watch_live, what="the watch once etcd is up")
+                assert len(_subnet_lines(caplog, watching)) == 1
+                assert me.watch_down_since is None
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await store.close()
 
     run(main())

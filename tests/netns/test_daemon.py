@@ -259,7 +259,9 @@ def test_unleased_destination_gets_icmp_net_unreachable(
     cl, (c1, _, _) = cluster
     leased = {h.subnet for h in cl.hosts}
     free = next(
-        f"10.5.{i}.7" for i in range(1, 255) if not any(f"10.5.{i}.7" in str(s) for s in leased)
+        f"10.5.{i}.7"
+        for i in range(1, 255)
+        if not any(IPv4Address(f"10.5.{i}.7") in s for s in leased)
     )
     assert all(IPv4Address(free) not in s for s in leased)
     before = cl.hosts[0].status()["engine"]["icmp_unreachable_sent"]

@@ -18,6 +18,7 @@ import pytest
 from flanneld_py import __version__, cli
 from flanneld_py.cli import FLAGS, EarlyExit, UsageError, env_var, main, parse_args, usage_text
 from flanneld_py.options import Options
+from lab.etcd import TlsFiles, make_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -312,10 +313,14 @@ def test_validation_boundaries_accepted() -> None:
     assert parse("--subnet-lease-renew-margin=1439").subnet_lease_renew_margin == 1439
 
 
-def test_tls_files_must_exist_and_come_in_pairs(tmp_path: Path) -> None:
-    key, cert, ca = (tmp_path / n for n in ("k.pem", "c.pem", "ca.pem"))
-    for f in (key, cert, ca):
-        f.write_text("x")
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A CA and a client certificate + key signed by it (openssl)."""
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+def test_tls_files_must_exist_and_come_in_pairs(tmp_path: Path, tls: TlsFiles) -> None:
+    key, cert, ca = tls.client_key, tls.client_cert, tls.ca
     msg = usage_error(f"--etcd-keyfile={key}")
     assert msg == "--etcd-keyfile and --etcd-certfile must be given together"
     assert "together" in usage_error(f"--etcd-certfile={cert}")
@@ -329,6 +334,52 @@ def test_tls_files_must_exist_and_come_in_pairs(tmp_path: Path) -> None:
     assert o.etcd_tls
     assert "no such file" in usage_error(f"--etcd-cafile={tmp_path / 'missing.pem'}")
     assert "no such file" in usage_error(f"--etcd-cafile={tmp_path}")  # a directory
+
+
+def test_tls_files_are_checked_when_the_options_are_parsed(tmp_path: Path, tls: TlsFiles) -> None:
+    key, cert, ca = str(tls.client_key), str(tls.client_cert), str(tls.ca)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    other = make_tls(tmp_path / "other")
+    https = "--etcd-endpoints=https://10.0.0.1:2379"
+    assert usage_error(https, f"--etcd-cafile={garbage}") == (
+        f"--etcd-cafile {garbage}: not a PEM certificate bundle"
+    )
+    assert usage_error(https, f"--etcd-cafile={key}") == (
+        f"--etcd-cafile {key}: not a PEM certificate bundle (it holds a private key)"
+    )
+    assert usage_error(https, f"--etcd-certfile={key}", f"--etcd-keyfile={cert}") == (
+        f"--etcd-certfile/--etcd-keyfile are swapped: --etcd-certfile {key} holds a private key "
+        f"and --etcd-keyfile {cert} a certificate (--etcd-certfile takes the certificate, "
+        "--etcd-keyfile the key)"
+    )
+    other_key = str(other.client_key)
+    assert usage_error(https, f"--etcd-certfile={cert}", f"--etcd-keyfile={other_key}") == (
+        "--etcd-certfile/--etcd-keyfile: the key does not match the certificate "
+        f"({other_key} is not the private key of {cert})"
+    )
+    # from the environment alike
+    assert usage_error(FLANNELD_ETCD_CAFILE=str(garbage)) == (
+        f"--etcd-cafile {garbage}: not a PEM certificate bundle"
+    )
+    # a valid CA alone, or a valid pair alone, is fine
+    assert parse(f"--etcd-cafile={ca}").etcd_cafile == ca
+    assert parse(f"--etcd-certfile={cert}", f"--etcd-keyfile={key}").etcd_tls
+
+
+def test_main_bad_tls_file_is_one_line_and_exit_2(
+    fake_daemon: dict[str, Any], capsys: pytest.CaptureFixture[str], tls: TlsFiles
+) -> None:
+    key, cert = tls.client_key, tls.client_cert
+    assert main([f"--etcd-certfile={key}", f"--etcd-keyfile={cert}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"flanneld-py: --etcd-certfile/--etcd-keyfile are swapped: --etcd-certfile {key} holds a "
+        f"private key and --etcd-keyfile {cert} a certificate (--etcd-certfile takes the "
+        "certificate, --etcd-keyfile the key)\n"
+    )
+    assert "options" not in fake_daemon  # the daemon never ran
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -356,8 +407,9 @@ def fake_daemon(monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> dict[
     seen: dict[str, Any] = {"code": 0}
     module = types.ModuleType("flanneld_py.daemon")
 
-    async def run(options: Options) -> int:
+    async def run(options: Options, store: Any) -> int:
         seen["options"] = options
+        seen["store"] = type(store).__name__
         seen["loop"] = type(asyncio.get_running_loop()).__module__
         logging.getLogger("flanneld_py.daemon").info("daemon running\nsecond line")
         if "raise" in seen:
@@ -380,6 +432,7 @@ def test_main_runs_the_daemon_on_uvloop(
     assert main(["--ip-masq", "--log-level=debug"]) == 3
     assert fake_daemon["options"] == Options(ip_masq=True, log_level="debug")
     assert fake_daemon["loop"].startswith("uvloop")
+    assert fake_daemon["store"] == "EtcdStore"  # built by the CLI, handed to the daemon
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "daemon running" in line]
     assert len(lines) == 1  # one line per message, even with a newline inside
@@ -398,18 +451,6 @@ def test_main_asyncio_loop_and_uvloop_fallback(
     assert fake_daemon["loop"].startswith("asyncio")
     warning = [line for line in capsys.readouterr().err.splitlines() if "uvloop" in line]
     assert len(warning) == 1 and " WARNING cli: uvloop is not importable" in warning[0]
-
-
-def test_main_with_a_synchronous_run(
-    fake_daemon: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def run(options: Options) -> int:
-        fake_daemon["options"] = options
-        return 4
-
-    monkeypatch.setattr(sys.modules["flanneld_py.daemon"], "run", run)
-    assert main(["--engine=python"]) == 4
-    assert fake_daemon["options"].engine == "python"
 
 
 def test_main_turns_a_crash_into_exit_1_with_one_log_line(
@@ -478,6 +519,7 @@ def test_process_help() -> None:
         ([], {"FLANNELD_ETCD_ENDPOINTS": "localhost:2379"}),
         (["--iface"], {}),
         (["--etcd-certfile=/nonexistent"], {}),
+        (["--etcd-cafile=/etc/hostname"], {}),  # exists, is not a certificate
     ],
 )
 def test_process_errors_are_one_line_exit_2(argv: list[str], env: dict[str, str]) -> None:

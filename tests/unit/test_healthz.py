@@ -257,3 +257,26 @@ def test_address_in_use_is_a_one_line_oserror() -> None:
             await server.close()  # never started: no-op
 
     asyncio.run(main())
+
+
+def test_readyz_and_a_healthy_answer_that_says_what_is_degraded() -> None:
+    state = {"live": (True, "ok; degraded: lease watch on etcd down for 12s"), "ready": (False, "")}
+
+    async def body(server: HealthServer) -> None:
+        code, _, data = split(await exchange(server.port, get("/healthz")))
+        assert (code, data) == (200, b"ok; degraded: lease watch on etcd down for 12s\n")
+        code, _, data = split(await exchange(server.port, get("/readyz")))
+        assert (code, data) == (503, b"unhealthy\n")
+        state["ready"] = (True, "")
+        code, _, data = split(await exchange(server.port, get("/readyz")))
+        assert (code, data) == (200, b"ok\n")
+
+    run(body, check=lambda: state["live"], ready=lambda: state["ready"])
+
+
+def test_readyz_is_404_without_a_readiness_check() -> None:
+    async def body(server: HealthServer) -> None:
+        code, _, _ = split(await exchange(server.port, get("/readyz")))
+        assert code == 404
+
+    run(body)

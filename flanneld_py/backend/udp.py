@@ -1,0 +1,236 @@
+"""The udp backend: our TUN device (``flannel0``), one UDP socket and the packet engine.
+
+Wire-compatible with flannel's udp backend: every inner IPv4 packet travels as one UDP datagram
+to ``<peer PublicIP>:<Backend.Port>`` (8285). The lease carries no BackendType/BackendData, as
+real flanneld writes it. The TUN gets the lease's network address as /32 and a route for the
+whole Network; the engine owns the per-peer routes (set/del commands). The TUN lives as long as
+the process: when the daemon stops, the kernel removes flannel0 with its route (the daemon's
+guard route then refuses the network's traffic until it is back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from flanneld_py import netlink
+from flanneld_py.backend._base import BackendError, LeaseAttrs
+from flanneld_py.config import BackendConfig
+from flanneld_py.engine import Engine, make_engine, offload_status, wants_vnet_hdr
+from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent
+from flanneld_py.netlink import ExternalInterface
+from flanneld_py.tun import (
+    ENGINE_OFFLOADS,
+    link_is_up,
+    open_tun,
+    probe_offloads,
+    vnet_hdr_supported,
+)
+
+__all__ = ["ENCAP_OVERHEAD", "UdpBackend", "bind_udp"]
+
+log = logging.getLogger("flanneld_py.backend.udp")
+
+#: outer IPv4 header + UDP header
+ENCAP_OVERHEAD = 28
+
+
+def bind_udp(address: IPv4Address, port: int) -> socket.socket:
+    """The encapsulation socket, bound like flanneld's to <interface address>:<port>.
+
+    No SO_REUSEADDR (nor SO_REUSEPORT): with it, any other socket that sets the option, of any
+    user, could bind the same address and port and be handed our peers' datagrams.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        sock.bind((str(address), port))
+    except OSError as e:
+        sock.close()
+        hint = (
+            f"another process holds it (see `ss -ulpn sport = :{port}`); stop it, or give the "
+            "network another Backend.Port"
+            if e.errno == errno.EADDRINUSE
+            else "check --iface/--public-ip"
+        )
+        raise OSError(f"cannot bind UDP {address}:{port}: {e.strerror}; {hint}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class UdpBackend:
+    """``Backend`` "udp": TUN ``tun_name`` + UDP socket + ``engine`` ("auto", "c", "python")."""
+
+    name = "udp"
+    #: the engine is watched every second: a dead engine ends the daemon (systemd restarts it)
+    reconcile_interval = 1.0
+
+    def __init__(
+        self,
+        cfg: BackendConfig,
+        network: IPv4Network,
+        ext: ExternalInterface,
+        *,
+        tun_name: str = "flannel0",
+        engine: str = "auto",
+        offload: str = "auto",
+    ) -> None:
+        self.cfg = cfg
+        self.network = network
+        self.ext = ext
+        self.tun_name = tun_name
+        self.engine_kind = engine
+        self.offload = offload
+        self.lease: Lease | None = None
+        self.tun_fd = -1
+        self.sock: socket.socket | None = None
+        self.engine: Engine | None = None
+        #: offloads whose runtime shutdown has been logged already
+        self._offload_warned: set[str] = set()
+
+    @property
+    def mtu(self) -> int:
+        return self.ext.mtu - ENCAP_OVERHEAD
+
+    async def prepare(self) -> LeaseAttrs:
+        # fail now, not after a lease is taken, when we may not create the TUN device
+        fd, _ = open_tun(self.tun_name)
+        os.close(fd)
+        return LeaseAttrs()
+
+    async def start(self, lease: Lease) -> None:
+        if self.engine is not None:  # our subnet changed: a new data plane for the new lease
+            self._close_dataplane()
+        self.lease = lease
+        subnet = lease.subnet
+        # offloads: only the C engine reads/writes the TUN with a virtio header (TSO super-packets
+        # in, coalesced GSO packets out); without kernel support the TUN is a plain one
+        vnet = wants_vnet_hdr(self.engine_kind, self.offload) and vnet_hdr_supported()
+        self.tun_fd, name = open_tun(self.tun_name, vnet_hdr=vnet)
+        try:
+            tun_offloads = probe_offloads(self.tun_fd, ENGINE_OFFLOADS) if vnet else frozenset()
+            await asyncio.to_thread(
+                netlink.configure_tun, name, subnet.network_address, self.network, self.mtu
+            )
+            self.sock = bind_udp(self.ext.address, self.cfg.port)
+            self.engine = make_engine(
+                self.engine_kind,
+                tun_fd=self.tun_fd,
+                udp_fd=self.sock.fileno(),
+                local_subnet=subnet,
+                local_addr=subnet.network_address,
+                port=self.cfg.port,
+                mtu=self.mtu,
+                offload=self.offload,
+                vnet_hdr=vnet,
+                tun_offloads=tun_offloads,
+            )
+            self.engine.start()
+        except BaseException:
+            self._close_dataplane()
+            raise
+        log.info(
+            "data plane up: %s %s/32 mtu %d, route %s, UDP %s:%d, %s engine, offloads: %s",
+            name,
+            subnet.network_address,
+            self.mtu,
+            self.network,
+            self.ext.address,
+            self.cfg.port,
+            self.engine.kind,
+            ", ".join(offload_status(self.engine)["active"]) or "none",
+        )
+
+    def accepts(self, lease: Lease) -> bool:
+        # real flanneld writes no BackendType for udp leases; "udp" is accepted too
+        return lease.backend_type in (None, "udp")
+
+    async def apply(self, events: Sequence[LeaseEvent]) -> None:
+        if self.engine is None:
+            return
+        for ev in events:
+            if isinstance(ev, LeaseAdded):
+                self.engine.set_route(ev.lease.subnet, ev.lease.public_ip)
+            else:
+                self.engine.del_route(ev.subnet)
+
+    async def reconcile(self, peers: Mapping[IPv4Network, Lease]) -> list[str]:
+        """A dead engine is fatal (BackendError); offloads the engine turned off are logged."""
+        if self.engine is not None and not self.engine.alive():
+            raise BackendError(f"packet engine stopped: {self.engine.error()}")
+        self._check_offloads()
+        return []
+
+    def _check_offloads(self) -> None:
+        if self.engine is None:
+            return
+        counters = offload_status(self.engine)["counters"]
+        for name, what in (
+            ("gso", "UDP GSO: the kernel refused a segmented send"),
+            ("tun_gso", "coalesced TUN writes: the TUN refused a GSO packet"),
+        ):
+            if counters.get(f"{name}_errors") and name not in self._offload_warned:
+                self._offload_warned.add(name)
+                err = counters.get(f"{name}_errno", 0)
+                log.warning(
+                    "turned off %s (%s); sending one packet per syscall from now on",
+                    what,
+                    os.strerror(err) if err else "unknown error",
+                )
+
+    def alive(self) -> str | None:
+        if self.engine is None:
+            return "data plane not running"
+        if not self.engine.alive():
+            return f"packet engine stopped: {self.engine.error()}"
+        up = link_is_up(self.tun_name)
+        if up is None:
+            return f"TUN device {self.tun_name} is gone"
+        if not up:
+            return f"TUN device {self.tun_name} is down"
+        return None
+
+    def status(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {"type": self.name, "device": self.tun_name, "engine": None, "offloads": None}
+        return {
+            "type": self.name,
+            "device": self.tun_name,
+            "port": self.cfg.port,
+            "engine": {"kind": self.engine.kind, **self.engine.stats()},
+            "offloads": offload_status(self.engine),
+        }
+
+    def _close_dataplane(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.tun_fd >= 0:
+            os.close(self.tun_fd)  # the kernel removes flannel0 with its addresses and routes
+            self.tun_fd = -1
+
+    async def close(self) -> None:
+        engine = self.engine
+        stats = engine.stats() if engine else {}
+        offl = offload_status(engine)["counters"] if engine else {}
+        self._close_dataplane()
+        if stats:
+            log.info(
+                "engine counters at exit: %s", " ".join(f"{k}={v}" for k, v in stats.items() if v)
+            )
+        if any(offl.values()):
+            log.info(
+                "offload counters at exit: %s", " ".join(f"{k}={v}" for k, v in offl.items() if v)
+            )
