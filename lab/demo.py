@@ -79,6 +79,8 @@ class Overlay:
     hosts: list[OverlayHost]
     #: seconds per build step
     timings: dict[str, float] = field(default_factory=dict)
+    #: the network's Backend.Type
+    backend: str = "udp"
 
     @property
     def lab(self) -> Lab:
@@ -108,6 +110,7 @@ def build_overlay(
     ip_masq: bool = True,
     flanneld_args: Sequence[str] = (),
     tarball: Path | None = None,
+    backend: str = "udp",
     say: Callable[[str], None] = lambda _msg: None,
 ) -> Overlay:
     """Underlay + etcd + flanneld-py and dockerd on every host + containers (busybox httpd
@@ -124,7 +127,7 @@ def build_overlay(
         timings[name] = round(now - t, 3)
         t = now
 
-    config = network_config(network)
+    config = network_config(network, backend)
     cl = FlannelCluster(lab, n_hosts, config=config, ip_masq=ip_masq, extra_args=flanneld_args)
     topo = cl.topo
     say(f"underlay {topo.underlay_net}: bridge br0 ({topo.gateway}) in namespace "
@@ -157,7 +160,7 @@ def build_overlay(
             h.containers.append(c)
             say(f"container {c.name} on {h.name}: {c.ip}")
     step("containers")
-    return Overlay(cl, IPv4Network(network), hosts, timings)
+    return Overlay(cl, IPv4Network(network), hosts, timings, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,10 +257,20 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _run_demo(
-    lab: Lab, n_hosts: int, iperf_seconds: int, flanneld_args: Sequence[str], out: _Out
+    lab: Lab,
+    n_hosts: int,
+    iperf_seconds: int,
+    flanneld_args: Sequence[str],
+    out: _Out,
+    backend: str = "udp",
 ) -> None:
-    out.head(f"building {n_hosts} hosts: underlay, etcd, flanneld-py, Docker, one container each")
-    ov = build_overlay(lab, n_hosts=n_hosts, flanneld_args=flanneld_args, say=out.say)
+    out.head(
+        f"building {n_hosts} hosts: underlay, etcd, flanneld-py ({backend} backend), Docker, "
+        "one container each"
+    )
+    ov = build_overlay(
+        lab, n_hosts=n_hosts, flanneld_args=flanneld_args, backend=backend, say=out.say
+    )
     out.say("build times (s): " + ", ".join(f"{k} {v}" for k, v in ov.timings.items()))
 
     out.head("leases and peers (GET /status on each flanneld-py)")
@@ -293,7 +306,7 @@ def _run_demo(
                 "overlay traffic through)")  # fmt: skip
 
     cs = ov.containers()
-    out.head("ping between containers on different hosts (through flanneld-py's UDP tunnel)")
+    out.head("ping between containers on different hosts (through the overlay)")
     for a in cs:
         for b in cs:
             if ov.host_of(a) is not ov.host_of(b):
@@ -323,7 +336,7 @@ def _run_demo(
         out.check(False, str(exc))
 
     if iperf_seconds > 0:
-        out.head(f"iperf3 {b.name} -> {a.name}, {iperf_seconds} s (userspace UDP encapsulation)")
+        out.head(f"iperf3 {b.name} -> {a.name}, {iperf_seconds} s ({backend} backend)")
         try:
             r = iperf(b, a, iperf_seconds)
             out.check(r["mbps"] > 0, f"{r['mbps']:.0f} Mbit/s, {r['retransmits']:.0f} retransmits")
@@ -358,6 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra flanneld-py flags, e.g. '--event-loop=asyncio --engine=python'",
     )
     parser.add_argument(
+        "--backend",
+        choices=("udp", "vxlan", "host-gw"),
+        default="udp",
+        help="the network's Backend.Type (default udp)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the logs (in the lab's tmp dir); still tears down"
     )
     args = parser.parse_args(argv)
@@ -370,12 +389,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: unwind through the finally below
     out = _Out()
     print("flanneld-py demo: hosts are network namespaces joined by a bridge (the 'underlay');")
-    print("each runs flanneld-py (UDP backend) and its own dockerd configured from the file")
-    print("flanneld-py writes. Everything is removed at the end.")
+    print(f"each runs flanneld-py ({args.backend} backend) and its own dockerd configured from")
+    print("the file flanneld-py writes. Everything is removed at the end.")
     lab = Lab()
     rc = 0
     try:
-        _run_demo(lab, args.hosts, args.iperf_seconds, shlex.split(args.flanneld_args), out)
+        _run_demo(
+            lab,
+            args.hosts,
+            args.iperf_seconds,
+            shlex.split(args.flanneld_args),
+            out,
+            args.backend,
+        )
     except KeyboardInterrupt:
         print("\ninterrupted", flush=True)
         rc = 130

@@ -1,4 +1,5 @@
-"""flanneld-py end to end with Docker: etcd on the underlay, flanneld-py and dockerd on 3 hosts.
+"""flanneld-py end to end with Docker: etcd on the underlay, flanneld-py and dockerd on 3 hosts,
+once per backend (udp, vxlan, host-gw).
 
 dockerd takes its options from the file flanneld-py wrote and finds ip_forward off (so it sets the
 FORWARD policy to DROP, as on a fresh host): cross-host container traffic then works only through
@@ -23,7 +24,8 @@ from lab.netns import Lab, wait_for
 
 N_HOSTS = 3
 NETWORK = IPv4Network("10.5.0.0/16")
-UDP_MTU = 1500 - 28  # underlay MTU minus IPv4 + UDP headers
+#: the containers' MTU per backend: the underlay's 1500 minus the encapsulation
+MTU = {"udp": 1500 - 28, "vxlan": 1500 - 50, "host-gw": 1500}
 #: extra flanneld-py flags for a run, e.g. FLANNELD_E2E_ARGS="--event-loop=asyncio --engine=python"
 EXTRA_ARGS = shlex.split(os.environ.get("FLANNELD_E2E_ARGS", ""))
 
@@ -33,14 +35,19 @@ def _cross_pairs(ov: Overlay) -> list[tuple[RunningContainer, RunningContainer]]
     return [(a, b) for a in cs for b in cs if ov.host_of(a) is not ov.host_of(b)]
 
 
-@pytest.fixture(scope="module")
-def overlay(docker_ok: None, image_tar: Path) -> Iterator[Overlay]:
+@pytest.fixture(scope="module", params=list(MTU))
+def overlay(request: pytest.FixtureRequest, docker_ok: None, image_tar: Path) -> Iterator[Overlay]:
     lab = Lab()
     try:
         failure = ""
         try:
             ov = build_overlay(
-                lab, N_HOSTS, network=str(NETWORK), flanneld_args=EXTRA_ARGS, tarball=image_tar
+                lab,
+                N_HOSTS,
+                network=str(NETWORK),
+                flanneld_args=EXTRA_ARGS,
+                tarball=image_tar,
+                backend=request.param,
             )
         except FlanneldNotReady as exc:
             failure = str(exc)  # failed outside the except: no chained traceback
@@ -58,9 +65,10 @@ def test_files_written_by_flanneld_feed_dockerd(overlay: Overlay) -> None:
         assert env["FLANNEL_NETWORK"] == str(NETWORK)
         bip = IPv4Interface(env["FLANNEL_SUBNET"])
         assert bip.network.subnet_of(NETWORK) and bip.ip == bip.network.network_address + 1
-        assert env["FLANNEL_MTU"] == str(UDP_MTU) and env["FLANNEL_IPMASQ"] == "true"
+        mtu = MTU[overlay.backend]
+        assert env["FLANNEL_MTU"] == str(mtu) and env["FLANNEL_IPMASQ"] == "true"
         opts = h.flanneld.docker_options()
-        assert opts == [f"--bip={bip}", "--ip-masq=false", f"--mtu={UDP_MTU}"]
+        assert opts == [f"--bip={bip}", "--ip-masq=false", f"--mtu={mtu}"]
         assert h.dockerd is not None and h.dockerd.args[-3:] == opts
         assert h.dockerd.bridge_addresses() == [str(bip)]
         leases.append(bip.network)
@@ -68,7 +76,9 @@ def test_files_written_by_flanneld_feed_dockerd(overlay: Overlay) -> None:
     stored = overlay.cluster.leases_by_subnet()
     assert sorted(stored) == sorted(str(n) for n in leases)
     for h in overlay.hosts:
-        assert stored[str(h.flanneld.subnet)].get("PublicIP") == str(h.address)
+        lease = stored[str(h.flanneld.subnet)]
+        assert lease.get("PublicIP") == str(h.address)
+        assert lease.get("BackendType") == (None if overlay.backend == "udp" else overlay.backend)
 
 
 def test_status_reports_lease_and_peers(overlay: Overlay) -> None:
@@ -84,7 +94,7 @@ def test_containers_get_the_lease_and_its_mtu(overlay: Overlay) -> None:
     for h in overlay.hosts:
         for c in h.containers:
             assert c.ip in h.flanneld.subnet, (c, h.flanneld.subnet)
-            assert c.mtu() == h.flanneld.mtu == UDP_MTU
+            assert c.mtu() == h.flanneld.mtu == MTU[overlay.backend]
 
 
 def test_forward_policy_is_drop(overlay: Overlay) -> None:
