@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from flanneld_py.allocator import choose_subnet
 from flanneld_py.config import ConfigError, NetworkConfig, parse_config
 from flanneld_py.lease import (
     Lease,
@@ -42,6 +41,7 @@ from flanneld_py.lease import (
     parse_lease_key,
     subnets_prefix,
 )
+from flanneld_py.policy import Exhausted, Held, Reacquire, Reuse, plan_acquire, plan_renew
 from flanneld_py.store import KV, Compacted, LeaseStore, StoreError, StoreUnavailable
 
 __all__ = [
@@ -189,44 +189,45 @@ class SubnetManager:
         log.info("%s %s (PublicIP %s, TTL %ds)", how, subnet, self.public_ip, self.ttl)
         return self.lease
 
+    def _listed(self, kvs: list[KV]) -> list[Held]:
+        out = []
+        for kv in kvs:
+            lease = self._parse(kv)
+            if lease is not None:
+                out.append(
+                    Held(lease.subnet, lease.public_ip, kv.key, kv.mod_revision, kv.lease_id)
+                )
+        return out
+
     async def acquire(self, cfg: NetworkConfig, previous: IPv4Network | None = None) -> Lease:
-        """Hold a lease: our existing one, else ``previous`` if free, else a random free subnet."""
+        """Hold a lease: our existing one, else ``previous`` if free, else a random free subnet
+        (decided by :func:`flanneld_py.policy.plan_acquire`, carried out here)."""
         self.config = cfg
         for _ in range(MAX_ACQUIRE_ATTEMPTS):
             kvs, _rev = await self.store.list(subnets_prefix(self.prefix))
-            leases = [(lease, kv) for kv in kvs if (lease := self._parse(kv)) is not None]
-            mine = [
-                (lease, kv)
-                for lease, kv in leases
-                if lease.public_ip == self.public_ip and cfg.contains_subnet(lease.subnet)
-            ]
-            mine.sort(key=lambda lk: lk[0].subnet != previous)  # the previous subnet first
-            if mine:
-                lease, kv = mine[0]
-                res = await self.store.replace(kv.key, self._value, self.ttl, kv.mod_revision)
+            plan = plan_acquire(self._listed(kvs), self.public_ip, previous, cfg, self.rng)
+            if isinstance(plan, Reuse):
+                held = plan.held
+                res = await self.store.replace(held.key, self._value, self.ttl, held.mod_revision)
                 if res is not None:
-                    await self._revoke_old(kv.lease_id, res.lease_id)
-                    return self._held(lease.subnet, "reusing existing lease for")
+                    await self._revoke_old(held.lease_id, res.lease_id)
+                    return self._held(held.subnet, "reusing existing lease for")
                 continue  # it changed under us: look again
-            taken = [lease.subnet for lease, _ in leases]
-            if (
-                previous is not None
-                and cfg.contains_subnet(previous)
-                and not any(previous.overlaps(t) for t in taken)
-            ):
-                if await self.store.create(self._key(previous), self._value, self.ttl):
-                    return self._held(previous, "took back previous subnet")
-                continue
-            choice = choose_subnet(cfg, taken, self.rng)
-            if choice is None:
+            if isinstance(plan, Exhausted):
                 raise PoolExhausted(
                     f"no free subnet left in {cfg.network} between {cfg.subnet_min} and "
-                    f"{cfg.subnet_max} ({len(taken)} leases held); remove stale leases under "
+                    f"{cfg.subnet_max} ({plan.taken} leases held); remove stale leases under "
                     f"{subnets_prefix(self.prefix)} or widen Network/SubnetMin/SubnetMax"
                 )
-            if await self.store.create(self._key(choice), self._value, self.ttl):
-                return self._held(choice, "acquired new lease")
-            log.info("subnet %s was taken by another host meanwhile; trying another", choice)
+            if await self.store.create(self._key(plan.subnet), self._value, self.ttl):
+                how = (
+                    "took back previous subnet" if plan.why == "previous" else "acquired new lease"
+                )
+                return self._held(plan.subnet, how)
+            if plan.why == "new":
+                log.info(
+                    "subnet %s was taken by another host meanwhile; trying another", plan.subnet
+                )
         raise StoreError(
             f"could not acquire a subnet lease after {MAX_ACQUIRE_ATTEMPTS} attempts "
             "(heavy contention on etcd)"
@@ -245,16 +246,22 @@ class SubnetManager:
         subnet = self.lease.subnet
         key = self._key(subnet)
         kv = await self.store.get(key)
-        if kv is None:
-            log.warning(
-                "our lease for %s is gone from etcd (expired or deleted); taking it back", subnet
-            )
-            return await self.acquire(self.config, previous=subnet)
-        try:
-            owner: IPv4Address | None = decode_lease_value(kv.value)
-        except LeaseFormatError:
-            owner = None
-        if owner != self.public_ip:
+        owner: IPv4Address | None = None
+        current: Held | None = None
+        if kv is not None:
+            try:
+                owner = decode_lease_value(kv.value)
+            except LeaseFormatError:
+                owner = None
+            current = Held(subnet, owner or IPv4Address(0), key, kv.mod_revision, kv.lease_id)
+        plan = plan_renew(current, self.public_ip, unreadable=kv is not None and owner is None)
+        if isinstance(plan, Reacquire):
+            if plan.same:
+                log.warning(
+                    "our lease for %s is gone from etcd (expired or deleted); taking it back",
+                    subnet,
+                )
+                return await self.acquire(self.config, previous=subnet)
             log.error(
                 "LEASE LOST: subnet %s now belongs to %s, not us (%s); acquiring another subnet",
                 subnet,
@@ -262,7 +269,8 @@ class SubnetManager:
                 self.public_ip,
             )
             return await self.acquire(self.config, previous=None)
-        res = await self.store.replace(key, self._value, self.ttl, kv.mod_revision)
+        assert kv is not None
+        res = await self.store.replace(key, self._value, self.ttl, plan.mod_revision)
         if res is None:  # changed between get and replace: decide again from scratch
             return await self.renew()
         await self._revoke_old(kv.lease_id, res.lease_id)
