@@ -147,6 +147,14 @@ _FALSE = frozenset({"0", "f", "F", "false", "FALSE", "False"})
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 
 
+#: the variables of CentOS/RHEL's flannel package (``/etc/sysconfig/flanneld``, read by its
+#: ``flanneld-start``), used when neither the flag nor its ``FLANNELD_*`` variable is set
+LEGACY_ENV: dict[str, tuple[str, ...]] = {
+    "etcd-endpoints": ("FLANNEL_ETCD_ENDPOINTS", "FLANNEL_ETCD"),
+    "etcd-prefix": ("FLANNEL_ETCD_PREFIX", "FLANNEL_ETCD_KEY"),
+}
+
+
 def env_var(flag_name: str) -> str:
     """``etcd-endpoints`` -> ``FLANNELD_ETCD_ENDPOINTS``."""
     return ENV_PREFIX + flag_name.upper().replace("-", "_")
@@ -173,11 +181,16 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
             where = f"--{flag.name}"
             from_env = False
         else:
-            env = environ.get(env_var(flag.name), "")
+            where = env_var(flag.name)
+            env = environ.get(where, "")
+            for legacy in LEGACY_ENV.get(flag.name, ()) if env == "" else ():
+                env = environ.get(legacy, "").strip()
+                if env:
+                    where = legacy
+                    break
             if env == "":
                 continue
             raws = [env]
-            where = env_var(flag.name)
             from_env = True
         values[flag.field] = _convert(flag, raws, where, from_env)
 
@@ -413,7 +426,9 @@ def usage_text() -> str:
         "Flags may be written -flag or --flag, with =value or a separate value; bool flags as",
         "--flag or --flag=false. A flag not on the command line is read from FLANNELD_<FLAG>",
         "(upper case, '-' -> '_', e.g. FLANNELD_ETCD_ENDPOINTS) when that is set; there",
-        "--iface takes a comma list, --iface-regex one regex.",
+        "--iface takes a comma list, --iface-regex one regex. Without either, --etcd-endpoints",
+        "and --etcd-prefix also come from FLANNEL_ETCD_ENDPOINTS (or FLANNEL_ETCD) and",
+        "FLANNEL_ETCD_PREFIX (or FLANNEL_ETCD_KEY), as in CentOS's /etc/sysconfig/flanneld.",
         "",
         *(f"  {left:<{width}}{right}" for left, right in rows),
         f"  {'--version':<{width}}print the version and exit",

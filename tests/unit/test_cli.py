@@ -528,3 +528,23 @@ def test_process_errors_are_one_line_exit_2(argv: list[str], env: dict[str, str]
     assert res.stdout == ""
     assert res.stderr.startswith("flanneld-py: ") and res.stderr.count("\n") == 1
     assert "Traceback" not in res.stderr
+
+
+def test_centos_sysconfig_variables_are_read_when_nothing_else_is_set() -> None:
+    seed = {
+        "FLANNEL_ETCD_ENDPOINTS": "http://10.0.0.200:2379",
+        "FLANNEL_ETCD_PREFIX": "/atomic.io/network",
+    }
+    o = parse_args([], seed)
+    assert (o.etcd_endpoints, o.etcd_prefix) == (("http://10.0.0.200:2379",), "/atomic.io/network")
+    old = {"FLANNEL_ETCD": "http://10.0.0.1:2379,http://10.0.0.2:2379", "FLANNEL_ETCD_KEY": "/a/b"}
+    o = parse_args([], old)
+    assert o.etcd_endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
+    assert o.etcd_prefix == "/a/b"
+    # FLANNELD_* and the flag win; the newer name wins over the older one
+    both = {**seed, **old, "FLANNELD_ETCD_PREFIX": "/x"}
+    o = parse_args(["--etcd-endpoints=http://10.0.0.9:2379"], both)
+    assert (o.etcd_endpoints, o.etcd_prefix) == (("http://10.0.0.9:2379",), "/x")
+    assert parse_args([], {**seed, **old}).etcd_endpoints == ("http://10.0.0.200:2379",)
+    with pytest.raises(UsageError, match="in FLANNEL_ETCD_ENDPOINTS"):
+        parse_args([], {"FLANNEL_ETCD_ENDPOINTS": "10.0.0.200"})

@@ -164,8 +164,11 @@ def test_service_unit_has_the_required_settings() -> None:
     assert one["Restart"] == "on-failure"
     assert int(one["RestartSec"]) > 0
     assert one["WatchdogSec"] == "30"
-    assert values(unit, "Service", "EnvironmentFile") == ["-/etc/default/flanneld-py"]
-    assert values(unit, "Service", "ExecStart") == ["/usr/local/bin/flanneld-py"]
+    assert values(unit, "Service", "EnvironmentFile") == [
+        "-/etc/default/flanneld-py",
+        "-/etc/sysconfig/flanneld",  # CentOS flannel's settings, unchanged
+    ]
+    assert values(unit, "Service", "ExecStart") == ["/usr/local/bin/flanneld-py $FLANNEL_OPTIONS"]
     caps = one["CapabilityBoundingSet"].split()
     assert {"CAP_NET_ADMIN", "CAP_NET_RAW"} <= set(caps)
     assert "/dev/net/tun rw" in values(unit, "Service", "DeviceAllow")
