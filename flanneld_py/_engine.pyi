@@ -1,4 +1,5 @@
-"""Typing stub of the C data-plane engine (``_engine.c``). Import it only through ``engine.py``.
+"""Typing stub of the C data-plane engine (built from ``_engine_c/*.c``; ``_engine_c/engine.h``
+describes it). Import it only through ``engine.py``.
 
 Addresses and networks are host-order ints (``int(IPv4Address(...))``).
 """
@@ -9,7 +10,7 @@ from typing import Final
 BATCH: Final[int]
 #: Bytes per packet buffer (any IPv4 datagram fits).
 BUFFER_SIZE: Final[int]
-#: Counter names, the keys of ``Engine.stats()`` (same as ``pyengine.COUNTERS``).
+#: Counter names, the keys of ``Engine.stats()`` (same as ``engine_types.COUNTERS``).
 COUNTERS: Final[tuple[str, ...]]
 #: Keys of ``Engine.offloads()``: state flags ``vnet_hdr``, ``udp_gso``, ``udp_gro``, ``tun_gso``
 #: (0/1, as in effect now), then offload counters (``gso_errno``/``tun_gso_errno``: the errno that

@@ -1,11 +1,13 @@
 """The data-plane engine behind one interface: the C engine when built, else the Python one.
 
-``make_engine()`` is the only entry point; this module is the only importer of ``_engine``.
+``make_engine(kind, cfg)`` is the only entry point (``cfg``: an :class:`EngineConfig`); this module
+is the only importer of ``_engine``. The configuration, the counter names, the engine kinds and
+the offload modes live in the neutral ``engine_types`` (re-exported here).
 
 An engine moves packets between a TUN fd (``IFF_TUN | IFF_NO_PI``: one bare IP packet per read/
 write) and a UDP socket fd bound to ``<public ip>:<port>``. Both fds are given non-blocking and stay
 the caller's: the engine never closes them. See ``pyengine.py`` for the exact per-packet rules and
-``_engine.c`` for the C loop; both keep the same counters (``COUNTERS``).
+``_engine_c/`` for the C loop; both keep the same counters (``COUNTERS``).
 
 Segmentation offloads (C engine only, ``offload="auto"``): the TUN opened with ``IFF_VNET_HDR``
 (see :func:`wants_vnet_hdr`; then every read/write carries a virtio_net_hdr) hands over TCP
@@ -22,7 +24,14 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Protocol
 
-from flanneld_py.pyengine import COUNTERS, DIAGNOSTIC_COUNTERS, PyEngine
+from flanneld_py.engine_types import (
+    COUNTERS,
+    DIAGNOSTIC_COUNTERS,
+    KINDS,
+    OFFLOAD_MODES,
+    EngineConfig,
+)
+from flanneld_py.pyengine import PyEngine
 
 try:
     import flanneld_py._engine as _engine
@@ -38,6 +47,7 @@ __all__ = [
     "OFFLOAD_MODES",
     "CEngine",
     "Engine",
+    "EngineConfig",
     "EngineError",
     "EngineUnavailable",
     "c_engine_available",
@@ -47,9 +57,6 @@ __all__ = [
     "wants_vnet_hdr",
 ]
 
-KINDS = ("auto", "c", "python")
-#: ``--offload``: "auto" = every segmentation offload the kernel accepts (C engine), "off" = none
-OFFLOAD_MODES = ("auto", "off")
 #: C engine offload state flags (``_engine.Engine.offloads()``), in the order they are listed
 _STATE_FLAGS = ("udp_gso", "udp_gro", "tun_gso")
 
@@ -120,37 +127,25 @@ class CEngine:
 
     kind = "c"
 
-    def __init__(
-        self,
-        *,
-        tun_fd: int,
-        udp_fd: int,
-        local_subnet: IPv4Network,
-        local_addr: IPv4Address,
-        port: int,
-        mtu: int,
-        offload: str = "off",
-        vnet_hdr: bool = False,
-        tun_offloads: frozenset[str] = frozenset(),
-    ) -> None:
+    def __init__(self, cfg: EngineConfig) -> None:
         if _ENGINE_IMPORT_ERROR is not None:
             raise EngineUnavailable(_unavailable_message())
-        on = offload == "auto"
+        on = cfg.offload == "auto"
         self._engine = _engine.Engine(
-            tun_fd=tun_fd,
-            udp_fd=udp_fd,
-            local_net=int(local_subnet.network_address),
-            local_prefixlen=local_subnet.prefixlen,
-            local_addr=int(local_addr),
-            port=port,
-            mtu=mtu,
-            vnet_hdr=vnet_hdr,
+            tun_fd=cfg.tun_fd,
+            udp_fd=cfg.udp_fd,
+            local_net=int(cfg.local_subnet.network_address),
+            local_prefixlen=cfg.local_subnet.prefixlen,
+            local_addr=int(cfg.local_addr),
+            port=cfg.port,
+            mtu=cfg.mtu,
+            vnet_hdr=cfg.vnet_hdr,
             udp_gso=on,
             udp_gro=on,
-            tun_gso=on and vnet_hdr,
+            tun_gso=on and cfg.vnet_hdr,
         )
-        self._vnet_hdr = vnet_hdr
-        self._tun_offloads = frozenset(tun_offloads) if vnet_hdr else frozenset()
+        self._vnet_hdr = cfg.vnet_hdr
+        self._tun_offloads = frozenset(cfg.tun_offloads) if cfg.vnet_hdr else frozenset()
         self._routes: dict[IPv4Network, IPv4Address] = {}
 
     def start(self) -> None:
@@ -206,73 +201,45 @@ def _unavailable_message() -> str:
     )
 
 
-def make_engine(
-    kind: str = "auto",
-    *,
-    tun_fd: int,
-    udp_fd: int,
-    local_subnet: IPv4Network,
-    local_addr: IPv4Address,
-    port: int,
-    mtu: int,
-    offload: str = "off",
-    vnet_hdr: bool = False,
-    tun_offloads: frozenset[str] = frozenset(),
-) -> Engine:
-    """An engine of ``kind``: "auto" (C if built, else Python), "c" or "python".
+def make_engine(kind: str, cfg: EngineConfig) -> Engine:
+    """An engine of ``kind``: "auto" (C if built, else Python), "c" or "python", made with ``cfg``.
 
-    ``local_subnet`` is this host's lease (inner destinations accepted from peers), ``local_addr``
-    the TUN's address: the source of the ICMP errors the engine writes into the TUN. The kernel
-    drops packets arriving with one of its own addresses as source unless the TUN has
-    ``net.ipv4.conf.<tun>.accept_local=1`` (flannel's own ICMP errors are lost that way).
-    ``port`` is every host's UDP port, ``mtu`` the TUN's (larger inbound packets are delivered and
-    counted as ``rx_oversize``).
+    ``cfg.local_subnet`` is this host's lease (inner destinations accepted from peers),
+    ``cfg.local_addr`` the TUN's address: the source of the ICMP errors the engine writes into the
+    TUN. The kernel drops packets arriving with one of its own addresses as source unless the TUN
+    has ``net.ipv4.conf.<tun>.accept_local=1`` (flannel's own ICMP errors are lost that way).
+    ``cfg.port`` is every host's UDP port, ``cfg.mtu`` the TUN's (larger inbound packets are
+    delivered and counted as ``rx_oversize``).
 
-    ``offload``: "auto" lets the C engine use UDP GSO/GRO and, when ``vnet_hdr`` (the TUN fd was
-    opened with ``IFF_VNET_HDR``; ``tun_offloads`` = what ``tun.probe_offloads`` enabled on it),
-    TSO reads and coalesced GSO writes; "off" = the plain batched loop. The Python engine never
-    uses offloads and cannot take a ``vnet_hdr`` TUN (``wants_vnet_hdr`` says how to open it).
+    ``cfg.offload``: "auto" lets the C engine use UDP GSO/GRO and, when ``cfg.vnet_hdr`` (the TUN
+    fd was opened with ``IFF_VNET_HDR``; ``cfg.tun_offloads`` = what ``tun.probe_offloads``
+    enabled on it), TSO reads and coalesced GSO writes; "off" = the plain batched loop. The Python
+    engine never uses offloads and cannot take a ``vnet_hdr`` TUN (``wants_vnet_hdr`` says how to
+    open it).
 
     Raises ``EngineUnavailable`` for "c" when the extension is not built and ``EngineError`` for
     a bad kind, offload mode, port or MTU (each with a one-line message).
     """
     if kind not in KINDS:
         raise EngineError(f"unknown engine {kind!r}: choose one of {', '.join(KINDS)}")
-    if offload not in OFFLOAD_MODES:
+    if cfg.offload not in OFFLOAD_MODES:
         raise EngineError(
-            f"unknown offload mode {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}"
+            f"unknown offload mode {cfg.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}"
         )
-    if not 1 <= port <= 65535:
-        raise EngineError(f"UDP port {port} is not in 1..65535")
-    if not 68 <= mtu <= 65535:
-        raise EngineError(f"MTU {mtu} is not in 68..65535")
+    if not 1 <= cfg.port <= 65535:
+        raise EngineError(f"UDP port {cfg.port} is not in 1..65535")
+    if not 68 <= cfg.mtu <= 65535:
+        raise EngineError(f"MTU {cfg.mtu} is not in 68..65535")
     if kind == "c" and _ENGINE_IMPORT_ERROR is not None:
         raise EngineUnavailable(_unavailable_message())
     if kind == "python" or _ENGINE_IMPORT_ERROR is not None:
-        if vnet_hdr:
+        if cfg.vnet_hdr:
             raise EngineError(
                 "the Python engine cannot use a TUN opened with a virtio header (vnet_hdr): "
                 "open it without, or use --engine c"
             )
-        return PyEngine(
-            tun_fd=tun_fd,
-            udp_fd=udp_fd,
-            local_subnet=local_subnet,
-            local_addr=local_addr,
-            port=port,
-            mtu=mtu,
-        )
-    return CEngine(
-        tun_fd=tun_fd,
-        udp_fd=udp_fd,
-        local_subnet=local_subnet,
-        local_addr=local_addr,
-        port=port,
-        mtu=mtu,
-        offload=offload,
-        vnet_hdr=vnet_hdr,
-        tun_offloads=tun_offloads,
-    )
+        return PyEngine(cfg)
+    return CEngine(cfg)
 
 
 def offload_status(engine: Engine) -> dict[str, Any]:

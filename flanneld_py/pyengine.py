@@ -1,4 +1,4 @@
-"""The pure-Python data-plane engine: same behaviour and counters as the C engine (``_engine.c``).
+"""The pure-Python data-plane engine: same behaviour and counters as the C engine (``_engine_c/``).
 
 It runs inside the caller's asyncio event loop (``loop.add_reader`` on both fds) and is used when
 the C extension is not built, or on request (``--engine python``). Everything below mirrors the C
@@ -36,6 +36,7 @@ import time
 from collections import deque
 from ipaddress import IPv4Address, IPv4Network
 
+from flanneld_py.engine_types import COUNTERS, DIAGNOSTIC_COUNTERS, EngineConfig
 from flanneld_py.packet import (
     ICMP_DEST_UNREACH,
     ICMP_NET_UNREACH,
@@ -73,57 +74,6 @@ ICMP_MSGS_BURST = 50  # net.ipv4.icmp_msgs_burst
 ICMP_MSGS_PER_SEC = 1000  # net.ipv4.icmp_msgs_per_sec
 _NS_PER_SEC = 1_000_000_000
 
-#: Counter names, identical in both engines (``_engine.COUNTERS`` lists the same names).
-COUNTERS: tuple[str, ...] = (
-    # TUN -> UDP
-    "tun_rx_packets",
-    "tun_rx_bytes",
-    "tun_rx_batches",
-    "tun_rx_errors",
-    "drop_tun_ipv6",
-    "drop_tun_malformed",
-    "drop_no_route",
-    "drop_tun_ttl",
-    "udp_tx_packets",
-    "udp_tx_bytes",
-    "udp_tx_batches",
-    "udp_tx_errors",
-    "udp_tx_stalls",
-    # UDP -> TUN
-    "udp_rx_packets",
-    "udp_rx_bytes",
-    "udp_rx_batches",
-    "udp_rx_errors",
-    "drop_udp_truncated",
-    "drop_udp_short",
-    "drop_udp_not_ipv4",
-    "drop_udp_bad_header",
-    "drop_udp_bad_length",
-    "drop_udp_bad_checksum",
-    "drop_udp_unknown_src",
-    "drop_udp_wrong_peer",
-    "drop_udp_not_local",
-    "drop_udp_ttl",
-    "rx_oversize",
-    "tun_tx_packets",
-    "tun_tx_bytes",
-    "tun_tx_errors",
-    "tun_tx_stalls",
-    # ICMP errors we generate
-    "icmp_unreachable_sent",
-    "icmp_time_exceeded_sent",
-    "icmp_suppressed",
-    "icmp_ratelimited",
-    # route commands
-    "route_commands",
-    "route_errors",
-)
-
-#: Counters whose values depend on how each engine batches and schedules, not on the traffic.
-DIAGNOSTIC_COUNTERS = frozenset(
-    {"tun_rx_batches", "udp_tx_batches", "udp_rx_batches", "udp_tx_stalls", "tun_tx_stalls"}
-)
-
 _MSG_TRUNC = socket.MSG_TRUNC
 
 
@@ -145,25 +95,19 @@ class PyEngine:
 
     kind = "python"
 
-    def __init__(
-        self,
-        *,
-        tun_fd: int,
-        udp_fd: int,
-        local_subnet: IPv4Network,
-        local_addr: IPv4Address,
-        port: int,
-        mtu: int,
-    ) -> None:
-        _require_nonblocking("tun_fd", tun_fd)
-        _require_nonblocking("udp_fd", udp_fd)
-        self._tun_fd = tun_fd
-        self._udp_fd = udp_fd
-        self._local_net = int(local_subnet.network_address)
-        self._local_mask = MASKS[local_subnet.prefixlen]
-        self._local_addr = local_addr.packed
-        self._port = port
-        self._mtu = mtu
+    def __init__(self, cfg: EngineConfig) -> None:
+        """``cfg.offload`` is ignored (no offloads here); a ``cfg.vnet_hdr`` TUN is refused."""
+        if cfg.vnet_hdr:
+            raise ValueError("the Python engine cannot use a TUN opened with vnet_hdr")
+        _require_nonblocking("tun_fd", cfg.tun_fd)
+        _require_nonblocking("udp_fd", cfg.udp_fd)
+        self._tun_fd = cfg.tun_fd
+        self._udp_fd = cfg.udp_fd
+        self._local_net = int(cfg.local_subnet.network_address)
+        self._local_mask = MASKS[cfg.local_subnet.prefixlen]
+        self._local_addr = cfg.local_addr.packed
+        self._port = cfg.port
+        self._mtu = cfg.mtu
         self._table = RouteTable()
         self._c: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._state = "new"  # new -> running -> (failed) -> stopped

@@ -23,7 +23,13 @@ from typing import Any
 from flanneld_py import netlink
 from flanneld_py.backend._base import BackendError, LeaseAttrs
 from flanneld_py.config import BackendConfig
-from flanneld_py.engine import Engine, make_engine, offload_status, wants_vnet_hdr
+from flanneld_py.engine import (
+    Engine,
+    EngineConfig,
+    make_engine,
+    offload_status,
+    wants_vnet_hdr,
+)
 from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent
 from flanneld_py.netlink import ExternalInterface
 from flanneld_py.tun import (
@@ -124,15 +130,17 @@ class UdpBackend:
             self.sock = bind_udp(self.ext.address, self.cfg.port)
             self.engine = make_engine(
                 self.engine_kind,
-                tun_fd=self.tun_fd,
-                udp_fd=self.sock.fileno(),
-                local_subnet=subnet,
-                local_addr=subnet.network_address,
-                port=self.cfg.port,
-                mtu=self.mtu,
-                offload=self.offload,
-                vnet_hdr=vnet,
-                tun_offloads=tun_offloads,
+                EngineConfig(
+                    tun_fd=self.tun_fd,
+                    udp_fd=self.sock.fileno(),
+                    local_subnet=subnet,
+                    local_addr=subnet.network_address,
+                    port=self.cfg.port,
+                    mtu=self.mtu,
+                    offload=self.offload,
+                    vnet_hdr=vnet,
+                    tun_offloads=tun_offloads,
+                ),
             )
             self.engine.start()
         except BaseException:

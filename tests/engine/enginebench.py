@@ -31,7 +31,7 @@ from scapy.layers.inet6 import ICMPv6ND_RS, IPv6
 from scapy.packet import Packet, Raw, fuzz
 
 from flanneld_py import engine as engine_mod
-from flanneld_py.engine import CEngine, Engine, make_engine
+from flanneld_py.engine import CEngine, Engine, EngineConfig, make_engine
 from flanneld_py.packet import checksum
 from flanneld_py.pyengine import PyEngine
 
@@ -206,12 +206,14 @@ class Bench:
             self._closers.append(self.loop_thread.close)
         self.engine: Engine = make_engine(
             self.kind,
-            tun_fd=self.tun_engine.fileno(),
-            udp_fd=self.udp.fileno(),
-            local_subnet=LOCAL_SUBNET,
-            local_addr=LOCAL_ADDR,
-            port=self.port,
-            mtu=mtu,
+            EngineConfig(
+                tun_fd=self.tun_engine.fileno(),
+                udp_fd=self.udp.fileno(),
+                local_subnet=LOCAL_SUBNET,
+                local_addr=LOCAL_ADDR,
+                port=self.port,
+                mtu=mtu,
+            ),
         )
         self._closers.append(lambda: self.call(self.engine.stop))
 

@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -44,7 +44,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
 from scapy.packet import Raw
 
 from flanneld_py import engine as engine_mod
-from flanneld_py.engine import CEngine, EngineError, make_engine, offload_status
+from flanneld_py.engine import CEngine, EngineConfig, EngineError, make_engine, offload_status
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -338,15 +338,17 @@ class Bench:
         udp.setblocking(False)
         e = make_engine(
             "c",
-            tun_fd=tun_engine.fileno(),
-            udp_fd=udp.fileno(),
-            local_subnet=subnet,
-            local_addr=addr,
-            port=udp.getsockname()[1],
-            mtu=MTU,
-            offload=offload,
-            vnet_hdr=vnet_hdr,
-            tun_offloads=frozenset({"csum", "tso4"}) if vnet_hdr else frozenset(),
+            EngineConfig(
+                tun_fd=tun_engine.fileno(),
+                udp_fd=udp.fileno(),
+                local_subnet=subnet,
+                local_addr=addr,
+                port=udp.getsockname()[1],
+                mtu=MTU,
+                offload=offload,
+                vnet_hdr=vnet_hdr,
+                tun_offloads=frozenset({"csum", "tso4"}) if vnet_hdr else frozenset(),
+            ),
         )
         assert isinstance(e, CEngine)
         self._closers.append(e.stop)
@@ -1073,28 +1075,28 @@ def test_make_engine_offload_arguments() -> None:
     try:
         for s in (a, u):
             s.setblocking(False)
-        args: dict[str, Any] = {
-            "tun_fd": a.fileno(),
-            "udp_fd": u.fileno(),
-            "local_subnet": LOCAL_SUBNET,
-            "local_addr": LOCAL_ADDR,
-            "port": 8285,
-            "mtu": MTU,
-        }
+        cfg = EngineConfig(
+            tun_fd=a.fileno(),
+            udp_fd=u.fileno(),
+            local_subnet=LOCAL_SUBNET,
+            local_addr=LOCAL_ADDR,
+            port=8285,
+            mtu=MTU,
+        )
         with pytest.raises(EngineError, match="unknown offload mode 'on'"):
-            make_engine("c", offload="on", **args)
+            make_engine("c", replace(cfg, offload="on"))
         with pytest.raises(EngineError, match="Python engine cannot use a TUN opened with"):
-            make_engine("python", vnet_hdr=True, **args)
-        py = make_engine("python", offload="auto", **args)
+            make_engine("python", replace(cfg, vnet_hdr=True))
+        py = make_engine("python", replace(cfg, offload="auto"))
         assert offload_status(py)["active"] == []
         assert engine_mod.wants_vnet_hdr("c", "auto") and engine_mod.wants_vnet_hdr("auto", "auto")
         assert not engine_mod.wants_vnet_hdr("python", "auto")
         assert not engine_mod.wants_vnet_hdr("c", "off")
-        e = make_engine("c", **args)  # default: off
+        e = make_engine("c", cfg)  # default: off
         assert isinstance(e, CEngine)
         assert offload_status(e)["active"] == [] and not any(e.offloads().values())
         e2 = make_engine(
-            "c", offload="auto", vnet_hdr=True, tun_offloads=frozenset({"tso4"}), **args
+            "c", replace(cfg, offload="auto", vnet_hdr=True, tun_offloads=frozenset({"tso4"}))
         )
         e2.start()
         try:
