@@ -8,6 +8,8 @@ the end of it, and a failed ``start()`` raises ``EtcdLabError`` with that tail i
 
 Helpers: ``make_tls()`` writes a CA, a server and a client certificate with ``openssl``;
 ``EtcdServer.enable_auth()`` / ``add_user()`` switch on etcd's username/password authentication.
+With ``enable_v2`` a member serves etcd's v2 API too; ``etcdctl_v2()``, ``v2_node()``,
+``enable_v2_auth()`` and ``add_v2_user()`` work on its v2 keyspace.
 Only the ``etcd``, ``etcdctl``, ``ip`` and ``openssl`` binaries are needed (scripts/setup.sh).
 """
 
@@ -165,6 +167,7 @@ class EtcdServer:
         cluster_token: str | None = None,
         extra_args: Sequence[str] = (),
         start_timeout: float = 20.0,
+        enable_v2: bool = False,
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
@@ -187,8 +190,13 @@ class EtcdServer:
         self.cluster_token = cluster_token or f"flanneld-py-{os.getpid()}-{self.peer_port}"
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
+        #: serve etcd's v2 API too (``--enable-v2=true``; etcd 3.4 has it off by default)
+        self.enable_v2 = enable_v2
         #: (user, password) that etcdctl uses once ``enable_auth`` ran
         self.auth: tuple[str, str] | None = None
+        #: (user, password) that ``etcdctl_v2`` uses once ``enable_v2_auth`` ran (v2's users are
+        #: not v3's)
+        self.auth_v2: tuple[str, str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], EtcdServer] | None = None
 
@@ -242,6 +250,8 @@ class EtcdServer:
             ]  # fmt: skip
             if self.client_cert_auth:
                 cmd.append("--client-cert-auth")
+        if self.enable_v2:
+            cmd.append("--enable-v2=true")
         return cmd + self.extra_args
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -450,6 +460,80 @@ class EtcdServer:
         self.etcdctl("role", "add", name)
         self.etcdctl("role", "grant-permission", name, "--prefix=true", "readwrite", prefix)
         self.etcdctl("user", "grant-role", name, name)
+
+    # -- etcd's v2 API (members started with enable_v2) ----------------------------------
+    def _run_etcdctl_v2(
+        self, args: Sequence[str], timeout: float = 15.0, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        flags = [f"--endpoints={self.endpoint}", "--no-sync", "--total-timeout=5s"]
+        if self.tls:
+            flags += [
+                f"--ca-file={self.tls.ca}",
+                f"--cert-file={self.tls.client_cert}",
+                f"--key-file={self.tls.client_key}",
+            ]
+        if self.auth_v2:
+            flags.append(f"--username={self.auth_v2[0]}:{self.auth_v2[1]}")
+        cmd = [*self._prefix(), "etcdctl", *flags, *args]
+        env = {**_clean_env(), "ETCDCTL_API": "2"}
+        try:
+            return subprocess.run(
+                cmd,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(cmd, 124, "", f"etcdctl timed out after {timeout}s")
+
+    def etcdctl_v2(
+        self, *args: str, check: bool = True, timeout: float = 15.0, stdin: str | None = None
+    ) -> str:
+        """``ETCDCTL_API=2 etcdctl`` against this member (``set``, ``mk``, ``get``, ``ls``,
+        ``rm``, ``user``, ``role``, ``auth`` ...; TLS and v2 auth flags added); returns stdout."""
+        proc = self._run_etcdctl_v2(args, timeout=timeout, stdin=stdin)
+        if check and proc.returncode != 0:
+            raise EtcdLabError(
+                f"etcdctl (v2) {' '.join(args)} failed (rc={proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()}"
+            )
+        return proc.stdout
+
+    def v2_node(self, key: str) -> dict[str, object] | None:
+        """The v2 node of ``key`` as etcd reports it (``value``, ``ttl``, ``modifiedIndex``,
+        ...), or None if it does not exist."""
+        proc = self._run_etcdctl_v2(["-o", "json", "get", key])
+        if proc.returncode != 0:
+            if "Key not found" in proc.stderr or "Key not found" in proc.stdout:
+                return None
+            raise EtcdLabError(f"etcdctl (v2) get {key} failed: {proc.stderr.strip()}")
+        node: dict[str, object] = json.loads(proc.stdout)["node"]
+        return node
+
+    def _v2_user_add(self, name: str, password: str) -> None:
+        # etcdctl v2 asks for the password (twice for a new user) on stdin
+        self.etcdctl_v2("user", "add", name, stdin=f"{password}\n{password}\n")
+
+    def enable_v2_auth(self, root_password: str = "rootpw") -> None:
+        """Switch on etcd's v2 authentication: user root, ``auth enable``, and the ``guest``
+        role (which v2 lets do everything by default) stripped of its rights. Afterwards this
+        object's ``etcdctl_v2`` calls log in as root."""
+        self._v2_user_add("root", root_password)
+        self.etcdctl_v2("auth", "enable")
+        self.auth_v2 = ("root", root_password)
+        self.etcdctl_v2("role", "revoke", "guest", "--path", "/*", "--readwrite")
+
+    def add_v2_user(self, name: str, password: str, prefix: str = "/") -> None:
+        """A v2 user (and role of the same name) that may read and write the keys under
+        ``prefix``."""
+        path = prefix.rstrip("/") + "/*"
+        self.etcdctl_v2("role", "add", name)
+        self.etcdctl_v2("role", "grant", name, "--path", path, "--readwrite")
+        self._v2_user_add(name, password)
+        self.etcdctl_v2("user", "grant", name, "--roles", name)
 
 
 # --------------------------------------------------------------------------------------------

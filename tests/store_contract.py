@@ -7,6 +7,13 @@ tests/etcd/test_store_contract_etcd.py on ``EtcdStore`` against a real etcd.
 
 Watches yield one empty batch once the store confirmed the watch; ``open_watch`` expects it. A
 watch from a compacted revision then raises ``Compacted`` (etcd 3.4 confirms it, then cancels it).
+
+tests/etcd/test_store_contract_etcdv2.py runs it on ``EtcdV2Store`` (etcd's v2 API). Where v2
+necessarily differs, the ``Harness`` says so with a capability flag (the defaults are etcd v3's
+and MemoryStore's): ``leases`` (v2 has no etcd leases: every lease id is 0, ``revoke`` does
+nothing), ``binary_values`` (v2 stores text: only UTF-8 values), ``min_ttl`` (v3 raises TTLs below
+2 s; v2 does not) and ``compact_writes`` (v2 cannot compact: its history is its last 1000
+events, so ``compact`` writes keys outside the checked prefix to push older events out).
 """
 
 from __future__ import annotations
@@ -39,6 +46,14 @@ class Harness:
     #: let this many seconds pass for TTLs: MemoryStore advances its clock; on etcd nothing
     #: happens (real time passes while the check waits on the watch)
     advance: Callable[[float], Awaitable[None]]
+    #: the store grants etcd leases (False: lease ids are 0 and revoke does nothing)
+    leases: bool = True
+    #: values may be any bytes (False: UTF-8 text only)
+    binary_values: bool = True
+    #: TTLs below this are raised to it
+    min_ttl: int = 2
+    #: ``compact`` writes to the store (outside the checked prefix), moving its revision
+    compact_writes: bool = False
 
 
 HarnessFactory = Callable[[], AbstractAsyncContextManager[Harness]]
@@ -140,7 +155,11 @@ async def get_missing_and_list_by_prefix(h: Harness) -> None:
     await store.create(OUTSIDE, b"outside", 60)
     last = await store.create("/coreos.com/network/config", b"{}", 60)
     assert a is not None and b is not None and last is not None
-    assert a.lease_id != b.lease_id and a.ttl == 60
+    assert a.ttl == 60
+    if h.leases:
+        assert a.lease_id != b.lease_id
+    else:
+        assert a.lease_id == b.lease_id == 0
     assert rev < b.revision < a.revision < last.revision
     kvs, rev = await store.list(P)
     assert [(kv.key, kv.value, kv.mod_revision, kv.lease_id) for kv in kvs] == [
@@ -164,6 +183,13 @@ async def values_are_bytes_round_tripped_exactly(h: Harness) -> None:
         b"\x00\xff\xfe\n\r\t \x80",
         bytes(range(256)),
     ]
+    flipped = bytes(range(255, -1, -1))
+    if not h.binary_values:  # text only: the same kinds of values, as UTF-8
+        values[3] = "\x00\xff\xfe\n\r\t \x80".encode()
+        values[4] = "".join(map(chr, range(256))).encode() + "\U0001f600 \u2028".encode()
+        flipped = values[4].decode()[::-1].encode()
+        with pytest.raises(StoreError, match="UTF-8"):
+            await store.create(f"{P}binary", b"\xff", 60)
     it = await open_watch(store, P, await revision(store) + 1)
     for i, value in enumerate(values):
         assert await store.create(f"{P}k{i}", value, 60) is not None
@@ -175,8 +201,8 @@ async def values_are_bytes_round_tripped_exactly(h: Harness) -> None:
     assert [e.value for e in await collect(it, len(values))] == values
     kv = await store.get(f"{P}k0")
     assert kv is not None
-    assert await store.replace(kv.key, bytes(range(255, -1, -1)), 60, kv.mod_revision)
-    assert (await next_batch(it))[0].value == bytes(range(255, -1, -1))
+    assert await store.replace(kv.key, flipped, 60, kv.mod_revision)
+    assert (await next_batch(it))[0].value == flipped
     await it.aclose()
 
 
@@ -185,7 +211,7 @@ async def create_only_if_absent_and_leaks_no_lease(h: Harness) -> None:
     store = h.store
     first = await store.create(A, b"first", 60)
     assert first is not None
-    assert await h.lease_ids() == [first.lease_id]
+    assert await h.lease_ids() == ([first.lease_id] if h.leases else [])
     assert await store.create(A, b"second", 60) is None
     kv = await store.get(A)
     assert kv is not None
@@ -196,7 +222,9 @@ async def create_only_if_absent_and_leaks_no_lease(h: Harness) -> None:
     winners = [(i, r) for i, r in enumerate(results) if r is not None]
     assert len(winners) == 1
     (i, won), *_ = winners
-    assert sorted(await h.lease_ids()) == sorted([first.lease_id, won.lease_id])
+    assert sorted(await h.lease_ids()) == (
+        sorted([first.lease_id, won.lease_id]) if h.leases else []
+    )
     assert (await store.get(B)).value == f"c{i}".encode()  # type: ignore[union-attr]
 
 
@@ -209,7 +237,8 @@ async def replace_compares_the_mod_revision(h: Harness) -> None:
     assert old is not None
     renewed = await store.replace(A, b"v2", 120, old.mod_revision)
     assert renewed is not None
-    assert renewed.lease_id != first.lease_id and renewed.ttl == 120
+    assert renewed.ttl == 120
+    assert renewed.lease_id != first.lease_id if h.leases else renewed.lease_id == 0
     assert renewed.revision == old.mod_revision + 1
     now = await store.get(A)
     assert now is not None
@@ -229,7 +258,7 @@ async def replace_compares_the_mod_revision(h: Harness) -> None:
     await store.revoke(first.lease_id)
     assert await store.get(A) == now
     assert await revision(store) == renewed.revision
-    assert await h.lease_ids() == [renewed.lease_id]
+    assert await h.lease_ids() == ([renewed.lease_id] if h.leases else [])
 
 
 @check
@@ -238,6 +267,13 @@ async def revoke_deletes_the_keys_and_the_watch_sees_it(h: Harness) -> None:
     a = await store.create(A, b"a", 60)
     b = await store.create(B, b"b", 60)
     assert a is not None and b is not None
+    if not h.leases:  # no etcd leases: revoking (lease 0, or any id) writes nothing
+        assert a.lease_id == b.lease_id == 0
+        for lease_id in (a.lease_id, 0x7777_0000_1234):
+            await store.revoke(lease_id)
+        assert await revision(store) == b.revision
+        assert await store.get(A) is not None and await store.get(B) is not None
+        return
     it = await open_watch(store, P, b.revision + 1)
     await store.revoke(a.lease_id)
     assert await store.get(A) is None
@@ -262,7 +298,8 @@ async def delete_removes_the_key(h: Harness) -> None:
     assert await collect(it, 1) == [delete(A, a.revision + 1)]
     await store.delete(A)  # missing: not an error, and no write
     assert await revision(store) == a.revision + 1
-    assert await h.lease_ids() == [a.lease_id]  # the lease lives on until revoked or expired
+    # the lease lives on until revoked or expired
+    assert await h.lease_ids() == ([a.lease_id] if h.leases else [])
     b = await store.create(A, b"again", 60)  # the key can be created again
     assert b is not None and b.revision == a.revision + 2
     await it.aclose()
@@ -298,7 +335,10 @@ async def watch_from_an_old_revision_replays_history(h: Harness) -> None:
     r = await store.replace(A, b"v2", 60, a.revision)
     b = await store.create(B, b"b", 60)
     assert r is not None and b is not None
-    await store.revoke(b.lease_id)
+    if h.leases:
+        await store.revoke(b.lease_id)
+    else:
+        await store.delete(B)
     history = [
         put(A, b"v1", a.revision),
         put(A, b"v2", r.revision),
@@ -312,7 +352,7 @@ async def watch_from_an_old_revision_replays_history(h: Harness) -> None:
     assert await collect(it, 2) == history[2:]
     await it.aclose()
     # a watch from a future revision waits for it
-    rev = b.revision + 1  # the revoke
+    rev = b.revision + 1  # the revoke (or delete)
     it = await open_watch(store, P, rev + 3)
     await store.create(C, b"c", 60)
     await store.delete(C)
@@ -334,8 +374,10 @@ async def watch_below_the_compact_revision_raises_compacted(h: Harness) -> None:
     # the compact revision itself and later are still there
     it = await open_watch(store, P, rev - 1)
     assert await collect(it, 2) == [put(C, C.encode(), rev - 1), put(D, D.encode(), rev)]
+    now = await revision(store)
+    assert now > rev if h.compact_writes else now == rev
     await store.delete(A)
-    assert await next_batch(it) == [delete(A, rev + 1)]
+    assert await next_batch(it) == [delete(A, now + 1)]
     await it.aclose()
 
 
@@ -355,10 +397,10 @@ async def ttl_expiry_deletes_the_key_and_the_watch_sees_it(h: Harness) -> None:
     assert expired.revision == await revision(store)
     assert await store.get(A) is None
     assert await store.get(B) is not None
-    assert await h.lease_ids() == [long.lease_id]
-    # a TTL below etcd's minimum (2 s) is raised to it
+    assert await h.lease_ids() == ([long.lease_id] if h.leases else [])
+    # a TTL below etcd's minimum (v3: 2 s) is raised to it
     tiny = await store.create(OUTSIDE, b"x", 1)
-    assert tiny is not None and tiny.ttl == 2
+    assert tiny is not None and tiny.ttl == max(1, h.min_ttl)
     await it.aclose()
 
 

@@ -18,18 +18,21 @@ The contract of ``LeaseStore`` mapped onto v2:
 - prefixes: v2 lists and watches directories, so ``list(prefix)``/``watch(prefix)`` ask for the
   directory that holds ``prefix`` (``…/subnets/`` → ``…/subnets``) and keep the keys that start
   with ``prefix``. Directories are not keys: they are never listed, ``get`` of one is None.
-- reads use ``quorum=true`` (as flanneld): ``get`` sends ``?quorum=true&recursive=false&sorted=false``,
-  ``list`` ``?quorum=true&recursive=true&sorted=false`` (and sorts by key itself).
+- reads use ``quorum=true`` (as flanneld): ``get`` sends
+  ``?quorum=true&recursive=false&sorted=false``, ``list``
+  ``?quorum=true&recursive=true&sorted=false`` (and sorts by key itself).
 - ``watch`` long-polls ``GET <dir>?recursive=true&wait=true&waitIndex=N`` (etcd answers one event
   per request; the next N is the event's ``modifiedIndex`` + 1). etcd sends the reply headers as
   soon as the watch is registered, before any event: that is the confirmation, and the first
   batch ``[]`` is yielded then. Actions ``delete``, ``expire`` and ``compareAndDelete`` are delete
-  events, every other action a put. A key under the prefix that is not a lease (``…/subnets/garbage``)
-  is yielded like any other (the subnet manager skips it): unlike flanneld v0.13 the watch never
-  re-asks the same index. The deletion or expiry of a directory that holds the prefix (``etcdctl
-  rm -r …/subnets``) cannot be told key by key, so it ends the watch with ``DirectoryRemoved``
-  (a ``Compacted``: the caller re-lists). etcd keeps only its last 1000 v2 events: a waitIndex
-  older than that is errorCode 401 (HTTP 400) and raises ``HistoryCleared`` (a ``Compacted``).
+  events, every other action a put. A key under the prefix that is not a lease
+  (``…/subnets/garbage``) is yielded like any other (the subnet manager skips it): unlike flanneld
+  v0.13 the watch never re-asks the same index. Events outside ``prefix`` (possible only when it
+  does not end at a ``/``) are dropped, as the contract says. The deletion or expiry of a
+  directory that holds the prefix (``etcdctl rm -r …/subnets``) cannot be told key by key, so it
+  ends the watch with ``DirectoryRemoved`` (a ``Compacted``: the caller re-lists). etcd keeps only
+  its last 1000 v2 events: a waitIndex older than that is errorCode 401 (HTTP 400) and raises
+  ``HistoryCleared`` (a ``Compacted``).
   Each long poll lasts at most ``watch_poll`` seconds and is then re-sent with the same index, so
   a member that died silently is noticed (the re-sent request gets no headers in time).
 - endpoints: every call goes to the current endpoint; a refused connection moves on to the next at
@@ -228,7 +231,10 @@ def _tls_failure(err: ssl.SSLError, ep: _Endpoint) -> _Failure:
         return _Failure(
             _CONFIG, f"TLS: cannot verify the certificate of etcd at {ep.url} ({why}); {_HINT_TLS}"
         )
-    if "wrong version number" in low or "record layer failure" in low or "http request" in low:
+    plain = "wrong version number" in low or "record layer failure" in low
+    closed = "unexpected_eof" in low or "unexpected eof" in low  # etcd on plain http hangs up
+    if plain or closed:
+        what = "answered without TLS" if plain else "closed the connection"
         if ep.url.startswith("https://"):
             hint = "is it a plain http endpoint? use http://"
         else:
@@ -238,7 +244,7 @@ def _tls_failure(err: ssl.SSLError, ep: _Endpoint) -> _Failure:
             )
         return _Failure(
             _CONFIG,
-            f"TLS handshake with etcd at {ep.url} failed: the server answered without TLS; {hint}",
+            f"TLS handshake with etcd at {ep.url} failed: the server {what}; {hint}",
         )
     if "certificate required" in low or "bad certificate" in low or "unknown ca" in low:
         return _Failure(
@@ -261,6 +267,10 @@ def _transport_failure(e: Exception, ep: _Endpoint, timeout: float) -> _Failure:
             return _Failure(_CONNECT, "connection refused")
         if isinstance(c, socket.gaierror):
             return _Failure(_CONNECT, f"cannot resolve host {ep.host!r}")
+        if isinstance(c, ConnectionResetError):
+            return _Failure(
+                _CONNECT if isinstance(e, httpx.ConnectError) else _LOST, "connection reset"
+            )
     if isinstance(e, TimeoutError | httpx.TimeoutException):
         kind = _CONNECT if isinstance(e, httpx.ConnectTimeout) else _LOST
         return _Failure(kind, f"no answer within {timeout:g}s")
@@ -275,7 +285,11 @@ def _transport_failure(e: Exception, ep: _Endpoint, timeout: float) -> _Failure:
     if isinstance(e, httpx.ConnectError):
         return _Failure(_CONNECT, f"connection failed ({_one_line(str(e))[:200] or 'no details'})")
     if isinstance(e, httpx.RemoteProtocolError):
-        return _Failure(_LOST, "the connection was closed without a reply")
+        if not ep.tls:
+            return _Failure(
+                _LOST, "connection closed without a reply (a TLS-only etcd? then use https://)"
+            )
+        return _Failure(_LOST, "connection closed without a reply")
     return _Failure(_LOST, f"connection lost ({type(e).__name__})")
 
 
@@ -571,6 +585,15 @@ class EtcdV2Store:
         text = _one_line(data.decode("utf-8", "replace"))[:120]
         if status == 404:
             raise _Failure(_CONFIG, "", ApiNotServed(f"etcd at {ep.url} {_NOT_SERVED}"))
+        if "http request to an https server" in text.lower():
+            raise _Failure(
+                _CONFIG,
+                "",
+                StoreError(
+                    f"etcd at {ep.url} serves TLS only: use https:// (with --etcd-cafile, and "
+                    "--etcd-certfile/--etcd-keyfile if it wants client certificates)"
+                ),
+            )
         raise _Failure(
             _CONFIG,
             "",
@@ -691,6 +714,16 @@ class EtcdV2Store:
                 await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
                 pause = min(pause * 2, 0.5)
                 continue
+            reset = f.kind == _LOST and f.text == "connection reset" and tries[idx] >= 2
+            if reset and ep.tls and self.settings.client_cert:
+                # TLS 1.3: a server that rejects our client certificate resets the connection
+                # after the handshake, with no alert we could read
+                f = _Failure(
+                    _CONFIG,
+                    f"TLS: etcd at {ep.url} reset the connection twice right after the TLS "
+                    f"handshake: it most likely rejected our client certificate; {_HINT_TLS}",
+                )
+                failures[ep.url] = f.text
             if f.kind == _CONFIG and config_error is None:
                 config_error = f.error or StoreError(f.text)
             # a lost reply may come from a stale keep-alive connection: one more try there
