@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 PROG = "flanneld-py"
+#: the subcommand that copies a v2 cluster's config and leases to v3 (flanneld_py.migrate)
+MIGRATE_COMMAND = "migrate-etcd"
 ENV_PREFIX = "FLANNELD_"
 
 log = logging.getLogger("flanneld_py.cli")
@@ -101,6 +103,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("etcd-cafile", "file", "CA bundle for etcd's server certificate", "FILE"),
     Flag("etcd-username", "optstr", "etcd user (with --etcd-password)", "NAME"),
     Flag("etcd-password", "optstr", "etcd password (with --etcd-username)", "PASSWORD"),
+    Flag("etcd-api", "choice", "etcd API: v3 (flanneld >= v0.18), v2 (flanneld <= v0.17, etcd "
+         "--enable-v2), auto = the keyspace holding <prefix>/config, v3 if both", "API",
+         choices=("auto", "v3", "v2")),
     Flag("iface", "list", "interface (name or IPv4) for host-to-host traffic; repeatable, "
          "first match wins", "IFACE", default_text="interface of the default route",
          cli_split=True),
@@ -128,6 +133,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("offload", "choice", "segmentation offloads of the C engine (TUN TSO, UDP GSO/GRO): "
          "auto = what the kernel accepts, off = none", "MODE", choices=("auto", "off")),
     Flag("tun-name", "str", "name of the TUN device", "NAME"),
+    Flag("control-socket", "str", "local unix socket (root only) for `flanneld-py status`: "
+         "/healthz, /readyz, /status, /metrics; \"\" = none", "PATH"),
     Flag("log-level", "choice", "log threshold", "LEVEL",
          choices=("debug", "info", "warning", "error")),
     # hidden: for tests only
@@ -354,7 +361,7 @@ def _check_str(flag: Flag, raw: str, where: str) -> str:
         return UsageError(f"invalid value {raw!r} for {where}: {why}")
 
     name = flag.name
-    if name == "docker-opts-file":
+    if name in ("docker-opts-file", "control-socket"):
         return raw.strip()
     value = raw.strip()
     if not value:
@@ -422,7 +429,7 @@ def usage_text() -> str:
         f"Usage: {PROG} [--flag=value]...",
         "",
         "A flannel-compatible overlay network daemon for Docker hosts (backends udp, vxlan,",
-        "host-gw; etcd v3).",
+        "host-gw; etcd v3, or v2 for flanneld <= v0.17 clusters: --etcd-api).",
         "Flags may be written -flag or --flag, with =value or a separate value; bool flags as",
         "--flag or --flag=false. A flag not on the command line is read from FLANNELD_<FLAG>",
         "(upper case, '-' -> '_', e.g. FLANNELD_ETCD_ENDPOINTS) when that is set; there",
@@ -433,6 +440,13 @@ def usage_text() -> str:
         *(f"  {left:<{width}}{right}" for left, right in rows),
         f"  {'--version':<{width}}print the version and exit",
         f"  {'--help':<{width}}print this help and exit",
+        "",
+        "Commands (each has its own --help):",
+        f"  {PROG} status [--json]   what the running daemon holds: lease, backend, peers, drops",
+        f"  {PROG} doctor [--json]   checks this host (docker options, docker0, FORWARD,",
+        "                            MTU, rp_filter, peers through the overlay, etcd): what to fix",
+        f"  {PROG} {MIGRATE_COMMAND} --from v2 --to v3 [--dry-run] [--force]",
+        "                            copies a v2 cluster's config and leases to etcd's v3 keyspace",
         "",
     ]
     return "\n".join(lines)
@@ -519,7 +533,9 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
 
 
 def build_store(options: Options) -> LeaseStore:
-    """The daemon's lease store: etcd's v3 API at ``--etcd-endpoints``. Raises StoreError."""
+    """The daemon's lease store at ``--etcd-endpoints``, by ``--etcd-api``: etcd's v3 API
+    (``EtcdStore``), its v2 API (``EtcdV2Store``), or ``auto``: an ``AutoStore`` over both that
+    uses the keyspace holding ``<prefix>/config``. Raises StoreError."""
     from flanneld_py.store.etcd import EtcdSettings, EtcdStore
 
     try:
@@ -533,12 +549,34 @@ def build_store(options: Options) -> LeaseStore:
         )
     except ValueError as e:
         raise StoreError(str(e)) from None
-    return EtcdStore(settings)
+    if options.etcd_api == "v3":
+        return EtcdStore(settings)
+    from flanneld_py.store.etcdv2 import EtcdV2Store
+
+    if options.etcd_api == "v2":
+        return EtcdV2Store(settings)
+    from flanneld_py.lease import normalize_prefix
+    from flanneld_py.store.select import AutoStore
+
+    config_key = normalize_prefix(options.etcd_prefix) + "/config"
+    return AutoStore(EtcdStore(settings), EtcdV2Store(settings), config_key)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, set up logging, run the daemon; returns the process exit code."""
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == MIGRATE_COMMAND:
+        from flanneld_py import migrate
+
+        return migrate.main(args[1:], os.environ)
+    if args and args[0] == "status":
+        from flanneld_py import statuscmd
+
+        return statuscmd.main(args[1:])
+    if args and args[0] == "doctor":
+        from flanneld_py import doctor
+
+        return doctor.main(args[1:])
     try:
         options = parse_args(args, os.environ)
     except EarlyExit as e:

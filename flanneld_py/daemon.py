@@ -6,14 +6,15 @@ backend factory). The real platform talks to the kernel; tests hand in fakes and
 startup, readiness, peer wiring and shutdown without root.
 
 Startup order (what systemd and docker rely on):
-  lock -> external interface -> etcd config -> guard route -> backend chosen by Backend.Type,
-  leftovers of other backends removed -> backend prepared (device; what the lease publishes) ->
-  lease -> backend started for the lease -> peer snapshot applied and reconciled -> firewall ->
-  subnet.env + docker opts -> READY=1 -> renew / watch / apply / reconcile / resync / watchdog.
+  lock -> control socket -> external interface -> etcd config -> guard route -> backend chosen by
+  Backend.Type, leftovers of other backends removed -> backend prepared (device; what the lease
+  publishes) -> lease -> backend started for the lease -> peer snapshot applied and reconciled ->
+  firewall -> subnet.env + docker opts -> READY=1 -> renew / watch / apply / reconcile / resync /
+  watchdog.
 Shutdown (SIGTERM/SIGINT): STOPPING=1, cancel the tasks, remove our firewall rules, close the
-backend (udp: the TUN and its routes go; vxlan/host-gw: the kernel's state stays), release the
-lock. The lease and the guard route are kept: a restart gets the same subnet, and meanwhile
-nothing for the network leaves by the default route.
+backend (udp: the TUN and its routes go; vxlan/host-gw: the kernel's state stays), remove the
+control socket, release the lock. The lease and the guard route are kept: a restart gets the
+same subnet, and meanwhile nothing for the network leaves by the default route.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from flanneld_py.engine import EngineError
 from flanneld_py.firewall import Firewall, FirewallError, FirewallUnavailable
 from flanneld_py.healthz import HealthServer
 from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent, LeaseRemoved
+from flanneld_py.metrics import Metrics, etcd_state
 from flanneld_py.netlink import ExternalInterface, NetlinkError
 from flanneld_py.options import Options
 from flanneld_py.store import LeaseStore, StoreError, StoreUnavailable
@@ -110,8 +112,13 @@ class Daemon:
         self.backend: Backend | None = None
         self.fw: FirewallLike | None = None
         self.health: HealthServer | None = None
+        #: the control socket (``--control-socket``): the health server's endpoints over AF_UNIX
+        self.control: HealthServer | None = None
         self.lock: Closeable | None = None
         self.started = time.monotonic()
+        self.started_at = time.time()
+        #: ``/metrics`` (read from this daemon's state at each scrape)
+        self.metrics = Metrics(self)
         #: True once the firewall is set up and the files are written (READY=1 was sent)
         self.ready = False
         #: the peers handed to the backend (leases it accepts), by subnet
@@ -130,6 +137,15 @@ class Daemon:
         # before anything is touched: a second daemon must not take over the first one's lease,
         # routes and rules (whatever its --tun-name)
         self.lock = plat.lock()
+        if opts.control_socket:  # from now on `flanneld-py status` can say what we wait for
+            self.control = HealthServer.unix(
+                opts.control_socket,
+                self.check,
+                self.status,
+                ready=self.readiness,
+                metrics=self.metrics.render,
+            )
+            await self.control.start()
         ext = self.ext = await plat.find_interface(opts)
         log.info(
             "flanneld-py %s: interface %s (%s, mtu %d), PublicIP %s, etcd %s prefix %s",
@@ -143,7 +159,12 @@ class Daemon:
         )
         if opts.healthz_port:
             self.health = HealthServer(
-                opts.healthz_ip, opts.healthz_port, self.check, self.status, ready=self.readiness
+                opts.healthz_ip,
+                opts.healthz_port,
+                self.check,
+                self.status,
+                ready=self.readiness,
+                metrics=self.metrics.render,
             )
             await self.health.start()
         mgr = self.mgr = SubnetManager(
@@ -418,10 +439,17 @@ class Daemon:
             "packets keep flowing to the known peers"
         )
 
+    @property
+    def ignored_peers(self) -> dict[IPv4Network, str]:
+        """Leases of another backend type (subnet -> their backend), not programmed."""
+        return {s: t or "udp" for s, t in self._foreign.items()}
+
     def status(self) -> dict[str, Any]:
         mgr = self.mgr
         lease = mgr.lease if mgr else None
         backend = self.backend.status() if self.backend is not None else None
+        alive, alive_text = self.check()
+        ready, ready_text = self.readiness()
         return {
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started, 1),
@@ -434,12 +462,21 @@ class Daemon:
                 "expires_in_s": None
                 if lease.expiration is None
                 else round(lease.expiration - time.time()),
+                #: seconds since the epoch
+                "expires_at": None if lease.expiration is None else round(lease.expiration, 3),
+                "renewals": mgr.renewals if mgr else 0,
+                "renewal_failures": mgr.renewal_failures if mgr else 0,
             },
             "watch_live": bool(mgr and mgr.watch_live),
-            "alive": self.check()[1],
-            "ready": self.readiness()[1],
+            "watch_resyncs": dict(mgr.watch_resyncs) if mgr else {},
+            # the member in use, the API (v3/v2) and its counters (None: not known/kept)
+            "etcd": etcd_state(self.store),
+            "alive": alive_text,
+            "ready": ready_text,
+            "is_alive": alive,
+            "is_ready": ready,
             "peers": {str(s): str(p.public_ip) for s, p in self.accepted.items()},
-            "ignored_peers": {str(s): t or "udp" for s, t in self._foreign.items()},
+            "ignored_peers": {str(s): t for s, t in self.ignored_peers.items()},
             "backend": backend,
             # the udp backend's engine and offloads, also at the top level (as before backends)
             "engine": backend.get("engine") if backend else None,
@@ -465,6 +502,8 @@ class Daemon:
                 log.warning("could not close the %s backend: %s", self.backend.name, e)
         if self.health is not None:
             await self.health.close()
+        if self.control is not None:
+            await self.control.close()
         await self.store.close()
         if self.mgr is not None and self.mgr.lease is not None:
             log.info("stopped; lease %s kept until it expires", self.mgr.lease.subnet)

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
+    "DEFAULT_CONTROL_SOCKET",
     "DEFAULT_DOCKER_OPTS_FILE",
     "DEFAULT_ETCD_ENDPOINTS",
     "DEFAULT_ETCD_PREFIX",
     "DEFAULT_SUBNET_FILE",
     "Engine",
+    "EtcdApi",
     "EventLoop",
     "LogLevel",
     "Offload",
@@ -25,12 +27,14 @@ __all__ = [
 EventLoop = Literal["uvloop", "asyncio"]
 Engine = Literal["auto", "c", "python"]
 Offload = Literal["auto", "off"]
+EtcdApi = Literal["auto", "v3", "v2"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 DEFAULT_ETCD_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
 DEFAULT_ETCD_PREFIX = "/coreos.com/network"
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DOCKER_OPTS_FILE = "/run/flannel/docker"
+DEFAULT_CONTROL_SOCKET = "/run/flannel/flanneld-py.sock"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class Options:
     #: etcd authentication (always both or neither).
     etcd_username: str | None = None
     etcd_password: str | None = field(default=None, repr=False)  # kept out of logs
+    #: etcd API: "v3" (flanneld >= v0.18), "v2" (flanneld <= v0.17; etcd --enable-v2), or "auto"
+    #: = the keyspace that holds ``<prefix>/config`` (v3 if both do).
+    etcd_api: EtcdApi = "auto"
 
     # -- external interface -----------------------------------------------------------------
     #: interfaces (name or IPv4 address) to try in order; empty = the default route's interface.
@@ -75,6 +82,9 @@ class Options:
     iptables_resync: int = 5
     #: add ACCEPT rules for the overlay network to FORWARD (docker sets its policy to DROP).
     iptables_forward_rules: bool = True
+    #: local control socket (mode 0600): /healthz, /readyz, /status, /metrics over AF_UNIX, read
+    #: by ``flanneld-py status``; "" = none.
+    control_socket: str = DEFAULT_CONTROL_SOCKET
 
     # -- ours -------------------------------------------------------------------------------
     #: "uvloop" (falls back to asyncio with a warning when uvloop is not importable) or "asyncio".

@@ -102,6 +102,14 @@ class SubnetManager:
         #: time.monotonic() since when the peer watch is down (lost, or not yet established
         #: since this manager was made); None while it is live (for healthz: outage duration)
         self.watch_down_since: float | None = time.monotonic()
+        #: renewals that succeeded (re-acquisitions of a lost lease included) and renewal
+        #: attempts that failed (for /metrics)
+        self.renewals = 0
+        self.renewal_failures = 0
+        #: the peer watch recovered after it broke: "reconnect" (re-established, from the last
+        #: revision seen + 1, after a lost connection) and "compaction" (that revision was
+        #: compacted: the leases were re-listed and diffed)
+        self.watch_resyncs: dict[str, int] = {"compaction": 0, "reconnect": 0}
         self._value = encode_lease_value(public_ip)
         self._all: dict[IPv4Network, Lease] = {}
         self._published: dict[IPv4Network, Lease] = {}
@@ -139,7 +147,13 @@ class SubnetManager:
                 if kv is None:
                     problem = (
                         f"network config {self.config_key} not found; waiting. Write it with: "
-                        f"etcdctl put {self.config_key} '{EXAMPLE_CONFIG}'"
+                        f"ETCDCTL_API=3 etcdctl put {self.config_key} '{EXAMPLE_CONFIG}'"
+                        + (
+                            ""
+                            if getattr(self.store, "api", "v3") == "v3"
+                            else " (for a flanneld <= v0.17 cluster, on etcd's v2 API: "
+                            f"ETCDCTL_API=2 etcdctl set {self.config_key} '{EXAMPLE_CONFIG}')"
+                        )
                     )
                     level = logging.WARNING
                 else:
@@ -301,8 +315,10 @@ class SubnetManager:
             try:
                 new = await self.renew()
             except PoolExhausted:
+                self.renewal_failures += 1
                 raise
             except StoreError as e:
+                self.renewal_failures += 1
                 log.warning(
                     "lease renewal for %s failed: %s; retrying in %ds",
                     lease.subnet,
@@ -311,6 +327,7 @@ class SubnetManager:
                 )
                 failing = True
                 continue
+            self.renewals += 1
             if failing:
                 log.info("lease renewal succeeded again")
             failing = False
@@ -369,6 +386,9 @@ class SubnetManager:
         backoff = 0.5
         #: a warning was logged for the current outage (then only debug until the watch is back)
         warned = False
+        #: the watch had been established once and was lost since (the next one is a reconnect)
+        was_live = False
+        lost = False
 
         def down() -> None:
             if self.watch_live:
@@ -395,6 +415,9 @@ class SubnetManager:
                         self.watch_live = True
                         self.watch_down_since = None
                         warned = False
+                        if lost:
+                            self.watch_resyncs["reconnect"] += 1
+                        was_live, lost = True, False
                     for ev in batch:
                         rev = max(rev, ev.revision)
                         if ev.kind == "delete":
@@ -416,9 +439,12 @@ class SubnetManager:
                 raise StoreUnavailable("etcd closed the watch")
             except Compacted as e:
                 log.warning("%s; re-listing leases", e)
+                self.watch_resyncs["compaction"] += 1
+                lost = False  # the re-list is this outage's resync
                 rev = None
                 down()
             except StoreUnavailable as e:
+                lost = lost or was_live
                 resume = "start" if rev is None else rev + 1
                 if self.watch_live:
                     log.warning("lost the lease watch: %s; resuming from revision %s", e, resume)

@@ -523,7 +523,11 @@ class Dockerd:
     ``net.ipv4.ip_forward=0`` in the namespace before dockerd starts, so dockerd turns it on and
     sets the FORWARD policy to DROP as on a freshly booted host. Files live in ``workdir``
     (default: a directory in the lab's tmpdir): ``dockerd.log``, ``containerd.log``, ``data/``,
-    ``exec/``, ``docker.sock``.
+    ``exec/``, ``docker.sock``, ``daemon.json`` (:attr:`daemon_json_path`).
+
+    ``daemon_json`` holds extra keys of the daemon config file (what ``/etc/docker/daemon.json``
+    holds on a real host, e.g. ``{"bip": "192.168.100.1/24"}``); the file is rewritten from
+    :attr:`daemon_json` at every :meth:`start`, so a test may change it between starts.
 
     Creating the object registers :meth:`close` on the lab's cleanup stack; it is idempotent.
     """
@@ -540,6 +544,7 @@ class Dockerd:
         workdir: str | os.PathLike[str] | None = None,
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
+        daemon_json: Mapping[str, Any] | None = None,
     ) -> None:
         reason = docker_unavailable_reason()
         if reason is not None:
@@ -549,6 +554,8 @@ class Dockerd:
         self.network_options = list(network_options)
         self.options_file = Path(options_file) if options_file is not None else None
         self.extra_args = list(extra_args)
+        #: extra keys written into the daemon config file at every start
+        self.daemon_json: dict[str, Any] = dict(daemon_json or {})
         self.fresh_host = fresh_host
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -560,6 +567,8 @@ class Dockerd:
         self.socket_path = self.workdir / "docker.sock"
         self.containerd_socket = self.exec_root / "containerd" / "containerd.sock"
         self.pidfile = self.workdir / "dockerd.pid"
+        #: the daemon config file (``--config-file``), rewritten at every start
+        self.daemon_json_path = self.workdir / "daemon.json"
         self.log_path = self.workdir / "dockerd.log"
         self.containerd_log_path = self.workdir / "containerd.log"
         #: absolute cgroup path under every cgroup hierarchy; unique per lab and host
@@ -615,7 +624,7 @@ class Dockerd:
             f"--exec-root={self.exec_root}",
             f"--pidfile={self.pidfile}",
             f"--host={self.host}",
-            f"--config-file={self.workdir / 'daemon.json'}",
+            f"--config-file={self.daemon_json_path}",
             f"--containerd={self.containerd_socket}",
             f"--cgroup-parent={self.cgroup_parent}",
             "--iptables=true",
@@ -645,8 +654,8 @@ class Dockerd:
         (self.exec_root / "containerd").mkdir(parents=True, exist_ok=True, mode=0o700)
         # dockerd 20.10 writes its trust key to /etc/docker/key.json unless told otherwise, and
         # only the config file can tell it (the flag is gone)
-        daemon_json = {"deprecated-key-path": str(self.workdir / "key.json")}
-        (self.workdir / "daemon.json").write_text(json.dumps(daemon_json) + "\n")
+        daemon_json = {"deprecated-key-path": str(self.workdir / "key.json"), **self.daemon_json}
+        self.daemon_json_path.write_text(json.dumps(daemon_json) + "\n")
         cfg = self.workdir / "containerd.toml"
         cfg.write_text(
             "version = 2\n"

@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import sys
 import textwrap
 import time
@@ -155,6 +156,9 @@ class Flanneld:
         self.workdir = Path(workdir) if workdir is not None else lab.tmpdir / f"flannel-{host}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.subnet_file = self.workdir / "subnet.env"
+        #: the daemon's control socket: every lab host shares the filesystem, so each daemon gets
+        #: its own (the default /run/flannel/flanneld-py.sock would be shared)
+        self.control_socket = self.workdir / "flanneld-py.sock"
         self.docker_opts_file: Path | None = self.workdir / "docker" if docker_opts else None
         self.log_path = Path(log_path) if log_path is not None else self.workdir / "flanneld.log"
         self.iface = iface
@@ -187,6 +191,7 @@ class Flanneld:
             "--docker-opts-file", docker_file,
             "--healthz-ip", "127.0.0.1",
             "--healthz-port", str(self.healthz_port),
+            "--control-socket", str(self.control_socket),
         ]  # fmt: skip
         if self.engine is not None:
             argv += ["--engine", self.engine]
@@ -299,6 +304,39 @@ class Flanneld:
             raise FlanneldError(f"flanneld-py in {self.ns.name}: GET /status -> {code} {body}")
         doc: dict[str, Any] = json.loads(body)
         return doc
+
+    # -- control socket ----------------------------------------------------------------------
+    def control_get(self, path: str, timeout: float = 5.0) -> tuple[int, dict[str, str], str]:
+        """``GET path`` on the control socket (a unix socket: reachable from the root namespace):
+        (status, headers with lower-case names, body); status 0 when nothing answers."""
+        request = f"GET {path} HTTP/1.1\r\nHost: flanneld-py\r\nConnection: close\r\n\r\n"
+        data = b""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(str(self.control_socket))
+                sock.sendall(request.encode())
+                while chunk := sock.recv(65536):
+                    data += chunk
+        except OSError as e:
+            return 0, {}, str(e)
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            code = int(lines[0].split()[1])
+        except (IndexError, ValueError):
+            return 0, {}, data.decode(errors="replace")
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
+        }
+        return code, headers, body.decode(errors="replace")
+
+    def metrics(self) -> str:
+        """``GET /metrics`` over the control socket (the Prometheus text format)."""
+        code, _, body = self.control_get("/metrics")
+        if code != 200:
+            raise FlanneldError(f"flanneld-py in {self.ns.name}: GET /metrics -> {code} {body}")
+        return body
 
     # -- what it wrote -----------------------------------------------------------------------
     def subnet_env(self) -> dict[str, str]:

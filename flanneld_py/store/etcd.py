@@ -406,6 +406,10 @@ class EtcdStore:
         self._auth_lock = asyncio.Lock()
         self._watch_calls: set[Any] = set()
         self._closed = False
+        #: failed requests to a member (each failed attempt, a failover included) and watches
+        #: lost; and how often the member in use changed (for /metrics)
+        self.errors = 0
+        self.endpoint_switches = 0
 
     # -- public helpers -----------------------------------------------------------------------
     @property
@@ -598,6 +602,8 @@ class EtcdStore:
     def _advance(self, idx: int) -> None:
         if self._current == idx:
             self._current = (idx + 1) % len(self._endpoints)
+            if self._current != idx:
+                self.endpoint_switches += 1
 
     def _unavailable(self, failures: dict[str, str]) -> StoreUnavailable:
         if len(failures) == 1:
@@ -645,10 +651,12 @@ class EtcdStore:
                 raise StoreError("etcd store is closed")
             if f.kind == _TOKEN:
                 if authenticate and self.settings.username and not reauthed:
-                    reauthed = True
+                    reauthed = True  # an expired token (etcd's --auth-token-ttl): not an error
                     await self._reauthenticate(gen, deadline)
                     continue
+                self.errors += 1
                 raise StoreError(f.text)
+            self.errors += 1
             if f.kind == _FATAL:
                 raise StoreError(f.text)
             failures[conn.ep.url] = f.text
@@ -730,6 +738,7 @@ class EtcdStore:
         self._advance(conn.idx)  # the next watch (or call) tries another member first
         if self._closed:
             return StoreError("etcd store is closed")
+        self.errors += 1
         return StoreUnavailable(f"lost the watch on etcd at {conn.ep.url}: {f.text}; {_HINT_DOWN}")
 
 

@@ -287,7 +287,8 @@ def test_compaction_past_the_watch_revision_resyncs(
                 await asyncio.to_thread(etcd_server.compact)
                 store.gate.set()
                 await until(lambda: set(peers.routes) == {b.subnet}, what="resync after compaction")
-                assert me.watch_live
+                # the re-list publishes before the new watch is confirmed: wait for that too
+                await until(lambda: me.watch_live, what="the watch live again")
                 assert any("re-listing leases" in r.message for r in caplog.records)
             finally:
                 task.cancel()

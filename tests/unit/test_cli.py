@@ -432,7 +432,7 @@ def test_main_runs_the_daemon_on_uvloop(
     assert main(["--ip-masq", "--log-level=debug"]) == 3
     assert fake_daemon["options"] == Options(ip_masq=True, log_level="debug")
     assert fake_daemon["loop"].startswith("uvloop")
-    assert fake_daemon["store"] == "EtcdStore"  # built by the CLI, handed to the daemon
+    assert fake_daemon["store"] == "AutoStore"  # built by the CLI (--etcd-api=auto), handed on
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "daemon running" in line]
     assert len(lines) == 1  # one line per message, even with a newline inside
@@ -548,3 +548,87 @@ def test_centos_sysconfig_variables_are_read_when_nothing_else_is_set() -> None:
     assert parse_args([], {**seed, **old}).etcd_endpoints == ("http://10.0.0.200:2379",)
     with pytest.raises(UsageError, match="in FLANNEL_ETCD_ENDPOINTS"):
         parse_args([], {"FLANNEL_ETCD_ENDPOINTS": "10.0.0.200"})
+
+
+# -- --etcd-api and migrate-etcd (etcd v2 for Docker-era clusters) -------------------------------
+
+
+def test_etcd_api_flag_and_environment() -> None:
+    assert parse().etcd_api == "auto"
+    assert parse("--etcd-api=v2").etcd_api == "v2"
+    assert parse("-etcd-api", "V3").etcd_api == "v3"
+    assert parse(FLANNELD_ETCD_API="v2").etcd_api == "v2"
+    assert parse("--etcd-api=v3", FLANNELD_ETCD_API="v2").etcd_api == "v3"
+    assert usage_error("--etcd-api=v4") == (
+        "invalid value 'v4' for --etcd-api: choose one of auto, v3, v2"
+    )
+    assert usage_error(FLANNELD_ETCD_API="etcd2") == (
+        "invalid value 'etcd2' for FLANNELD_ETCD_API: choose one of auto, v3, v2"
+    )
+    (line,) = [line for line in usage_text().splitlines() if "--etcd-api=" in line]
+    assert "{auto|v3|v2}" in line and "(default: auto)" in line and "v2 (flanneld <= v0.17" in line
+    assert "migrate-etcd --from v2 --to v3" in usage_text()
+
+
+def test_build_store_follows_etcd_api() -> None:
+    from flanneld_py.store.etcd import EtcdStore
+    from flanneld_py.store.etcdv2 import EtcdV2Store
+    from flanneld_py.store.select import AutoStore
+
+    assert type(cli.build_store(Options(etcd_api="v3"))) is EtcdStore
+    v2 = cli.build_store(Options(etcd_api="v2", etcd_endpoints=("http://127.0.0.1:2379",)))
+    assert isinstance(v2, EtcdV2Store) and v2.endpoints == ["http://127.0.0.1:2379"]
+    auto = cli.build_store(Options(etcd_prefix="/atomic.io/network/"))
+    assert isinstance(auto, AutoStore) and auto.api is None
+    assert auto.config_key == "/atomic.io/network/config"
+    assert isinstance(auto.v3, EtcdStore) and isinstance(auto.v2, EtcdV2Store)
+
+
+def test_main_builds_the_store_of_etcd_api(fake_daemon: dict[str, Any]) -> None:
+    assert main(["--event-loop=asyncio"]) == 0
+    assert fake_daemon["store"] == "AutoStore"  # the default: auto
+    for api, name in (("v3", "EtcdStore"), ("v2", "EtcdV2Store")):
+        assert main(["--event-loop=asyncio", f"--etcd-api={api}"]) == 0
+        assert fake_daemon["store"] == name
+        assert fake_daemon["options"].etcd_api == api
+
+
+def test_main_migrate_etcd_usage(
+    fake_daemon: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flanneld_py import migrate
+
+    assert main(["migrate-etcd", "--from=v2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("flanneld-py migrate-etcd: --from v2 and --to v3 are")
+    assert err.count("\n") == 1
+    assert main(["migrate-etcd", "--from=v2", "--to=v3", "--ip-masq"]) == 2
+    assert "flag provided but not defined: -ip-masq" in capsys.readouterr().err
+    assert main(["migrate-etcd", "--help"]) == 0
+    assert capsys.readouterr().out == migrate.HELP
+    assert "options" not in fake_daemon  # the daemon never ran
+    # "migrate-etcd" anywhere but first is not the subcommand
+    assert main(["--ip-masq", "migrate-etcd"]) == 2
+    assert "unexpected argument 'migrate-etcd'" in capsys.readouterr().err
+
+
+def test_process_migrate_etcd_errors() -> None:
+    res = run_module("migrate-etcd", "--from", "v2")
+    assert (res.returncode, res.stdout) == (2, "")
+    assert res.stderr.startswith("flanneld-py migrate-etcd: ") and res.stderr.count("\n") == 1
+    res = run_module("migrate-etcd", "-help")
+    assert res.returncode == 0 and res.stdout.startswith("Usage: flanneld-py migrate-etcd")
+    # nobody listens there: one line, exit 1
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = run_module(
+        "migrate-etcd", "--from=v2", "--to=v3", f"--etcd-endpoints=http://127.0.0.1:{port}"
+    )
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr == (
+        f"flanneld-py migrate-etcd: etcd unreachable at http://127.0.0.1:{port}: connection "
+        "refused; check --etcd-endpoints and that etcd is running\n"
+    )

@@ -147,6 +147,7 @@ def platform(rec: Recorder, backend: FakeBackend) -> Platform:
 
 
 def options(tmp_path: Path, **kw: Any) -> Options:
+    kw.setdefault("control_socket", "")  # not /run/flannel (tests/unit/test_metrics.py has one)
     return Options(
         subnet_file=str(tmp_path / "subnet.env"),
         docker_opts_file=str(tmp_path / "docker"),
