@@ -35,14 +35,10 @@ __all__ = [
     "addresses",
     "configure_tun",
     "delete_link",
-    "delete_route",
     "ensure_guard_route",
     "find_external_interface",
     "guard_routes",
-    "link_mtu",
-    "replace_route",
     "route_get",
-    "routes",
 ]
 
 RT_TABLE_MAIN = 254
@@ -170,12 +166,6 @@ def _snapshot(ipr: Any) -> list[_Link]:
 # links
 
 
-def link_mtu(name: str) -> int:
-    with _ipr(f"cannot read the MTU of {name}") as ipr:
-        (msg,) = ipr.get_links(_index(ipr, name))
-        return int(msg.get("mtu"))
-
-
 def delete_link(name: str) -> bool:
     """Delete interface ``name``; False if it did not exist."""
     with _ipr(f"cannot delete interface {name}") as ipr:
@@ -282,20 +272,6 @@ def _route_from_msg(msg: Any, names: dict[int, str]) -> Route:
     )
 
 
-def routes(dev: str | None = None) -> list[Route]:
-    """IPv4 unicast routes of the main table (optionally only those leaving by ``dev``)."""
-    with _ipr("cannot list routes") as ipr:
-        names = {int(m["index"]): str(m.get("ifname")) for m in ipr.get_links()}
-        out = []
-        for msg in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
-            if msg.get("table") != RT_TABLE_MAIN or msg["type"] != 1:  # RTN_UNICAST
-                continue
-            r = _route_from_msg(msg, names)
-            if dev is None or r.dev == dev:
-                out.append(r)
-        return out
-
-
 def route_get(dst: IPv4Address | str) -> Route:
     """What the kernel would do with a packet to ``dst`` (``ip route get``)."""
     dst = IPv4Address(dst)
@@ -303,49 +279,6 @@ def route_get(dst: IPv4Address | str) -> Route:
         names = {int(m["index"]): str(m.get("ifname")) for m in ipr.get_links()}
         (msg,) = ipr.route("get", dst=str(dst))
         return _route_from_msg(msg, names)
-
-
-def replace_route(
-    dst: IPv4Network, gateway: IPv4Address | None = None, dev: str | None = None
-) -> None:
-    """``ip route replace dst [via gateway] [dev dev]`` in the main table."""
-    dst = IPv4Network(dst)
-    with _ipr(f"cannot set route {dst}") as ipr:
-        kw: dict[str, Any] = {
-            "dst": str(dst.network_address),
-            "dst_len": dst.prefixlen,
-            "table": RT_TABLE_MAIN,
-        }
-        if gateway is not None:
-            kw["gateway"] = str(gateway)
-        else:
-            kw["scope"] = RT_SCOPE_LINK
-        if dev is not None:
-            kw["oif"] = _index(ipr, dev)
-        ipr.route("replace", **kw)
-
-
-def delete_route(dst: IPv4Network, dev: str | None = None) -> bool:
-    """Delete the main-table route to ``dst`` (leaving by ``dev`` if given); False if absent."""
-    dst = IPv4Network(dst)
-    with _ipr(f"cannot delete route {dst}") as ipr:
-        kw: dict[str, Any] = {
-            "dst": str(dst.network_address),
-            "dst_len": dst.prefixlen,
-            "table": RT_TABLE_MAIN,
-        }
-        if dev is not None:
-            found = ipr.link_lookup(ifname=dev)
-            if not found:
-                return False
-            kw["oif"] = found[0]
-        try:
-            ipr.route("del", **kw)
-        except _PyrouteNetlinkError as exc:
-            if exc.code == errno.ESRCH:
-                return False
-            raise
-        return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,10 +63,13 @@ def test_tun_configured_and_kernel_routes_packets_into_it(lab: Lab, host: Netns)
         netlink.configure_tun(name, IPv4Address("10.5.18.0"), IPv4Network("10.5.0.0/16"), mtu)
     r = netlink.route_get("10.5.7.9")
     print(json.dumps({
-        "name": name, "ext": ext.name, "ext_mtu": ext.mtu, "mtu": netlink.link_mtu(name),
+        "name": name, "ext": ext.name, "ext_mtu": ext.mtu, "mtu": netlink.link_info(name).mtu,
         "route_dev": r.dev, "route_src": str(r.src),
         "addrs": [str(a) for a in netlink.addresses(name)],
-        "routes": [str(r.dst) for r in netlink.routes(dev=name)],
+        "routes": [
+            str(r.dst) for r in netlink.route_entries()
+            if r.dev == name and r.type == netlink.RTN_UNICAST
+        ],
     }), flush=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -141,7 +144,7 @@ def test_open_errors_offloads_and_queues(host: Netns) -> None:
         out["mq_mismatch"] = err(open_tun, "fmq0")
         out["nonblock_cloexec"] = [os.get_blocking(fd), os.get_inheritable(fd)]
         out["deleted"] = [netlink.delete_link("zz0"), netlink.delete_link("zz0")]
-        out["no_dev"] = err(netlink.link_mtu, "nope0")
+        out["no_dev"] = err(netlink.set_link_up, "nope0")
         tun.TUN_PATH = "/nonexistent/net/tun"
         out["missing"] = err(open_tun, "flannel9")
         tun.TUN_PATH = "/dev/net/tun"
@@ -243,21 +246,25 @@ def test_route_helpers(host: Netns) -> None:
         from flanneld_py import netlink
 
         out = {}
-        netlink.replace_route(IPv4Network("10.6.0.0/16"), gateway=IPv4Address("10.99.0.12"))
-        netlink.replace_route(IPv4Network("10.6.0.0/16"), gateway=IPv4Address("10.99.0.13"))
-        netlink.replace_route(IPv4Network("10.7.1.0/24"), dev="eth0")
+        netlink.replace_proto_route(IPv4Network("10.6.0.0/16"), gateway=IPv4Address("10.99.0.12"))
+        netlink.replace_proto_route(IPv4Network("10.6.0.0/16"), gateway=IPv4Address("10.99.0.13"))
+        netlink.replace_proto_route(IPv4Network("10.7.1.0/24"), dev="eth0")
         r = netlink.route_get("10.6.3.4")
         out["get"] = [r.dev, str(r.gateway), str(r.src)]
         out["list"] = sorted(
-            [str(x.dst), x.dev, str(x.gateway)] for x in netlink.routes(dev="eth0")
+            [str(x.dst), x.dev, str(x.gateway)]
+            for x in netlink.route_entries()
+            if x.dev == "eth0" and x.type == netlink.RTN_UNICAST
         )
         out["del"] = [
-            netlink.delete_route(IPv4Network("10.6.0.0/16")),
-            netlink.delete_route(IPv4Network("10.6.0.0/16")),
-            netlink.delete_route(IPv4Network("10.7.1.0/24"), dev="nope0"),
+            netlink.delete_proto_route(IPv4Network("10.6.0.0/16")),
+            netlink.delete_proto_route(IPv4Network("10.6.0.0/16")),
+            netlink.delete_proto_route(IPv4Network("10.7.1.0/24"), dev="nope0"),
         ]
         try:
-            netlink.replace_route(IPv4Network("10.8.0.0/16"), gateway=IPv4Address("192.0.2.1"))
+            netlink.replace_proto_route(
+                IPv4Network("10.8.0.0/16"), gateway=IPv4Address("192.0.2.1")
+            )
         except netlink.NetlinkError as e:
             out["unreachable_gw"] = str(e)
         print(json.dumps(out))
@@ -271,7 +278,7 @@ def test_route_helpers(host: Netns) -> None:
         ["10.99.0.0/24", "eth0", "None"],
     ]
     assert res["del"] == [True, False, False]
-    assert res["unreachable_gw"].startswith("cannot set route 10.8.0.0/16: ")
+    assert res["unreachable_gw"].startswith("cannot set route 10.8.0.0/16 via 192.0.2.1: ")
     assert [r["dst"] for r in host.ip_json("-4", "route")] == [
         "default",
         "10.7.1.0/24",
@@ -302,7 +309,7 @@ def test_netlink_from_worker_threads_under_uvloop(host: Netns) -> None:
         out["leaked_fds"] = len(os.listdir("/proc/self/fd")) - fds
         out["ext"] = ext.name
         try:
-            netlink.link_mtu("eth0")
+            netlink.link_info("eth0")
         except RuntimeError as e:
             out["in_loop"] = str(e)
 
