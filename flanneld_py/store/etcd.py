@@ -36,7 +36,6 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
@@ -51,6 +50,10 @@ from flanneld_py.store._base import (
     StoreUnavailable,
     WatchEvent,
 )
+from flanneld_py.store._endpoints import HINT_DOWN as _HINT_DOWN
+from flanneld_py.store._endpoints import Endpoint as _Endpoint
+from flanneld_py.store._endpoints import parse_endpoint as _parse_endpoint
+from flanneld_py.store._endpoints import unavailable as _unavailable
 from flanneld_py.tlsfiles import TlsFileError, check_tls_files
 
 __all__ = ["EtcdSettings", "EtcdStore"]
@@ -60,7 +63,6 @@ T = TypeVar("T")
 #: grpc failures that are not a status from the server (AioRpcError is handled apart)
 _GRPC_MISC_ERRORS = (grpc.RpcError, grpc.aio.BaseError, asyncio.InvalidStateError)
 
-_HINT_DOWN = "check --etcd-endpoints and that etcd is running"
 _HINT_TLS = "check --etcd-cafile, --etcd-certfile and --etcd-keyfile"
 
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -113,33 +115,6 @@ class EtcdSettings:
     @property
     def client_cert(self) -> bool:
         return bool(self.keyfile and self.certfile)
-
-
-@dataclass(frozen=True)
-class _Endpoint:
-    url: str
-    host: str
-    port: int
-    tls: bool
-
-    @property
-    def target(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def _parse_endpoint(url: str, tls: bool) -> _Endpoint:
-    raw = url.strip()
-    parts = urlsplit(raw if "://" in raw else "http://" + raw)
-    bad = f"invalid etcd endpoint {url!r}: expected http://HOST:PORT or https://HOST:PORT"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(bad)
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(bad)
-    try:
-        port = parts.port or 2379
-    except ValueError:
-        raise ValueError(bad) from None
-    return _Endpoint(raw, parts.hostname, port, tls or parts.scheme == "https")
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -605,13 +580,6 @@ class EtcdStore:
             if self._current != idx:
                 self.endpoint_switches += 1
 
-    def _unavailable(self, failures: dict[str, str]) -> StoreUnavailable:
-        if len(failures) == 1:
-            ((url, why),) = failures.items()
-            return StoreUnavailable(f"etcd unreachable at {url}: {why}; {_HINT_DOWN}")
-        listed = ", ".join(f"{url} ({why})" for url, why in failures.items())
-        return StoreUnavailable(f"etcd unreachable at {listed}; {_HINT_DOWN}")
-
     async def _call(
         self,
         attempt: Callable[[_Conn, float, Any], Awaitable[T]],
@@ -638,7 +606,7 @@ class EtcdStore:
             gen = self._token_gen
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise self._unavailable(failures or {conn.ep.url: f"no answer within {timeout:g}s"})
+                raise _unavailable(failures or {conn.ep.url: f"no answer within {timeout:g}s"})
             try:
                 return await attempt(conn, remaining, self._metadata() if authenticate else None)
             except grpc.aio.AioRpcError as e:
@@ -668,7 +636,7 @@ class EtcdStore:
                 if len(unreachable) == len(self._endpoints):  # no member within reach
                     if config_error:
                         raise StoreError(config_error)
-                    raise self._unavailable(failures)
+                    raise _unavailable(failures)
             else:  # the cluster answered but cannot serve right now: wait a little, retry
                 unreachable.discard(conn.idx)
                 await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))

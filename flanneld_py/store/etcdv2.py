@@ -60,7 +60,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import quote, quote_plus, urlsplit
+from urllib.parse import quote, quote_plus
 
 import httpx
 
@@ -73,6 +73,10 @@ from flanneld_py.store._base import (
     StoreUnavailable,
     WatchEvent,
 )
+from flanneld_py.store._endpoints import HINT_DOWN as _HINT_DOWN
+from flanneld_py.store._endpoints import Endpoint as _Endpoint
+from flanneld_py.store._endpoints import parse_endpoint as _parse_endpoint
+from flanneld_py.store._endpoints import unavailable as _unavailable
 from flanneld_py.store.etcd import EtcdSettings
 from flanneld_py.tlsfiles import TlsFileError, check_tls_files
 
@@ -88,7 +92,6 @@ __all__ = [
 #: events etcd's v2 store remembers (a watch from an older index gets errorCode 401)
 V2_HISTORY: Final = 1000
 
-_HINT_DOWN = "check --etcd-endpoints and that etcd is running"
 _HINT_TLS = "check --etcd-cafile, --etcd-certfile and --etcd-keyfile"
 _NOT_SERVED = (
     "does not serve the v2 API (etcd 3.4 needs --enable-v2=true; 3.6 has no v2): "
@@ -147,15 +150,6 @@ class TtlKV:
     ttl: int | None
 
 
-@dataclass(frozen=True)
-class _Endpoint:
-    url: str
-    #: scheme://host:port the requests go to (https when TLS is used)
-    base: str
-    host: str
-    tls: bool
-
-
 @dataclass
 class _Reply:
     ep: _Endpoint
@@ -195,18 +189,6 @@ class _Failure(Exception):
 
 def _one_line(s: str) -> str:
     return " ".join(s.split())
-
-
-def _parse_endpoint(url: str, tls: bool) -> _Endpoint:
-    raw = url.strip()
-    parts = urlsplit(raw if "://" in raw else "http://" + raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise StoreError(f"invalid etcd endpoint {url!r}: expected http://HOST:PORT")
-    use_tls = tls or parts.scheme == "https"
-    host = parts.hostname
-    port = parts.port or 2379
-    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return _Endpoint(raw, f"{'https' if use_tls else 'http'}://{netloc}", host, use_tls)
 
 
 def _causes(e: BaseException) -> builtins.list[BaseException]:
@@ -682,7 +664,7 @@ class EtcdV2Store:
             ep = self._endpoints[idx]
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise self._unavailable(failures or {ep.url: f"no answer within {timeout:g}s"})
+                raise _unavailable(failures or {ep.url: f"no answer within {timeout:g}s"})
             tries[idx] = tries.get(idx, 0) + 1
             try:
                 async with asyncio.timeout(remaining):
@@ -733,7 +715,7 @@ class EtcdV2Store:
             if len(unreachable) == len(self._endpoints):
                 if config_error is not None:
                     raise config_error
-                raise self._unavailable(failures)
+                raise _unavailable(failures)
 
     async def _open_watch(self, target: str, index: int) -> tuple[httpx.Response, _Endpoint]:
         """Start one long poll; returns once etcd sent the reply headers (watch registered)."""
@@ -783,10 +765,3 @@ class EtcdV2Store:
     def _advance(self, idx: int) -> None:
         if self._current == idx:
             self._current = (idx + 1) % len(self._endpoints)
-
-    def _unavailable(self, failures: dict[str, str]) -> StoreUnavailable:
-        if len(failures) == 1:
-            ((url, why),) = failures.items()
-            return StoreUnavailable(f"etcd unreachable at {url}: {why}; {_HINT_DOWN}")
-        listed = ", ".join(f"{url} ({why})" for url, why in failures.items())
-        return StoreUnavailable(f"etcd unreachable at {listed}; {_HINT_DOWN}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import grpc  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
+from flanneld_py.store._endpoints import unavailable
 from flanneld_py.store.etcd import EtcdSettings, EtcdStore, _classify, _parse_endpoint
 
 LAST = "failed to connect to all addresses; last error: "
@@ -205,7 +206,7 @@ def test_the_whole_message_of_an_unreachable_member() -> None:
         "No route to host"
     )
     ep0, ep1 = (_parse_endpoint(u, tls=False) for u in store.endpoints)
-    one = store._unavailable({ep0.url: _classify(U, arp, ep0, 5.0).text})
+    one = unavailable({ep0.url: _classify(U, arp, ep0, 5.0).text})
     assert str(one) == (
         "etcd unreachable at http://10.66.0.2:2379: no route to host; check --etcd-endpoints "
         "and that etcd is running"
@@ -213,7 +214,7 @@ def test_the_whole_message_of_an_unreachable_member() -> None:
     dropped = LAST + (
         "UNKNOWN: ipv4:10.255.255.1:2379: Failed to connect to remote host: connect() timed out"
     )
-    both = store._unavailable(
+    both = unavailable(
         {
             ep0.url: _classify(U, arp, ep0, 5.0).text,
             ep1.url: _classify(U, dropped, ep1, 5.0).text,
