@@ -78,9 +78,14 @@ class Engine(Protocol):
     def start(self) -> None:
         """Start moving packets (the Python engine: call from inside the running event loop)."""
 
-    def set_route(self, subnet: IPv4Network, peer: IPv4Address) -> None:
+    def set_route(
+        self, subnet: IPv4Network, peer: IPv4Address, *, partial_csum: bool = False
+    ) -> None:
         """Add or replace the route ``subnet -> peer PublicIP``; effective for every packet that
-        the engine reads after this returns."""
+        the engine reads after this returns. ``partial_csum``: the peer completes TCP/UDP
+        checksums left partial (its lease advertises ``PARTIAL_CSUM``), so the C engine sends
+        TSO segments and NEEDS_CSUM packets without computing them; otherwise every packet goes
+        out with a complete checksum."""
 
     def del_route(self, subnet: IPv4Network) -> None:
         """Remove the route for exactly ``subnet`` (no-op when absent)."""
@@ -151,8 +156,12 @@ class CEngine:
     def start(self) -> None:
         self._engine.start()
 
-    def set_route(self, subnet: IPv4Network, peer: IPv4Address) -> None:
-        self._engine.set_route(int(subnet.network_address), subnet.prefixlen, int(peer))
+    def set_route(
+        self, subnet: IPv4Network, peer: IPv4Address, *, partial_csum: bool = False
+    ) -> None:
+        self._engine.set_route(
+            int(subnet.network_address), subnet.prefixlen, int(peer), partial_csum
+        )
         self._routes[subnet] = peer
 
     def del_route(self, subnet: IPv4Network) -> None:

@@ -33,10 +33,13 @@
  *   TUN -> UDP   tun_batch():   read() until EAGAIN, BATCH reads, or the vector is nearly full
  *                tun_ingest_vnet(): with IFF_VNET_HDR: a TSO super-packet (GSO_TCPV4) is split
  *                               into MSS segments (tso_split: IP length/id/checksum, TCP seq,
- *                               FIN/PSH on the last only, CWR on the first only, full TCP
- *                               checksum); a NEEDS_CSUM packet gets its checksum completed
+ *                               FIN/PSH on the last only, CWR on the first only, TCP checksum
+ *                               left partial: the pseudo-header sum); a NEEDS_CSUM TCP/UDP
+ *                               packet keeps its partial checksum too
  *                classify_tx(): per packet/segment: IPv4 checks, LPM(dst), TTL-1 (RFC 1624),
- *                               ICMP errors into the TUN
+ *                               ICMP errors into the TUN; a partial checksum is completed
+ *                               (tx_complete) unless the route's peer takes it partial
+ *                               (RT_PEER_PARTIAL_CSUM: its lease advertises it)
  *                send_tx():     sendmmsg() of the survivors to <peer PublicIP>:<port>; with UDP
  *                               GSO one message per run of same-peer, equal-size packets (the
  *                               last may be shorter, <= MAX_SEGS; build_msgs): the kernel cuts it
@@ -49,8 +52,11 @@
  *                               local subnet, TTL-1 (or drop + ICMP time exceeded to the peer)
  *                write_rx():    writev() into the TUN; with IFF_VNET_HDR each write starts with a
  *                               virtio_net_hdr, and consecutive in-order segments of one TCP flow
- *                               (checksums verified) go as one GSO_TCPV4 super-packet
- *                               (NEEDS_CSUM, pseudo-header sum in the checksum field; build_write)
+ *                               go as one GSO_TCPV4 super-packet (NEEDS_CSUM, pseudo-header sum
+ *                               in the checksum field; build_write). With tun_csum a TCP/UDP
+ *                               packet written alone goes with NEEDS_CSUM too. No pass over the
+ *                               payload: the outer UDP checksum, checked by the kernel, covered
+ *                               the inner packet, and a peer may have left its checksum partial
  *
  * ICMP errors (into the TUN, or time exceeded back to a peer) are rate-limited like the kernel's:
  * one token bucket (ICMP_MSGS_BURST, ICMP_MSGS_PER_SEC) for all of them; without a token the error
@@ -69,6 +75,8 @@
  *   udp_gro   UDP_GRO on the socket (set at start, cleared at stop).
  *   tun_gso   coalesced GSO writes into the TUN (needs vnet_hdr); a refused write turns it off
  *             (tun_gso_errors) and the packets go one by one.
+ *   tun_csum  (on with tun_gso, stays on) single TCP/UDP writes with NEEDS_CSUM; what lets the
+ *             daemon advertise that it takes partial checksums.
  *
  * Functions shared between sources have hidden visibility (the module exports only its init).
  */
@@ -148,7 +156,8 @@ enum { COUNTER_LIST(X_ENUM) N_CTR };
     X(tso_packets) X(tso_segments) X(csum_completed) X(vnet_errors)                                \
     X(gso_sends) X(gso_segments) X(gso_errors) X(gso_errno)                                        \
     X(gro_reads) X(gro_segments)                                                                   \
-    X(tun_gso_writes) X(tun_gso_segments) X(tun_gso_errors) X(tun_gso_errno) X(coalesce_bad_csum)
+    X(tun_gso_writes) X(tun_gso_segments) X(tun_gso_errors) X(tun_gso_errno)                       \
+    X(csum_partial_sent) X(tun_csum_writes)
 
 #define X_ENUM(n) O_##n,
 enum { OFFLOAD_LIST(X_ENUM) N_OFF };
@@ -159,6 +168,7 @@ enum { OFFLOAD_LIST(X_ENUM) N_OFF };
 enum { CMD_SET = 1, CMD_DEL = 2, CMD_STOP = 3 };
 struct eng_cmd {
     uint32_t op, net, plen, peer; /* host byte order */
+    uint32_t flags;               /* CMD_SET: RT_PEER_* */
 };
 
 enum { ST_NEW, ST_RUNNING, ST_STOPPED };
@@ -170,9 +180,11 @@ enum { ST_NEW, ST_RUNNING, ST_STOPPED };
 typedef struct {
     uint8_t *p, *pay;
     uint32_t hlen, plen;
-    uint32_t addr;  /* tx: the peer's PublicIP; rx: the sender (host order) */
-    uint8_t trunc;  /* rx: the datagram was truncated */
-    uint8_t tcpok;  /* rx: TCP checksum 0 = not checked yet, 1 = valid, 2 = invalid */
+    uint32_t addr;     /* tx: the peer's PublicIP; rx: the sender (host order) */
+    uint16_t cs_start; /* tx, partial: the TCP/UDP header's offset in p */
+    uint8_t cs_off;    /* tx, partial: the checksum field's offset in that header (16, 6) */
+    uint8_t partial;   /* tx: the TCP/UDP checksum holds only the pseudo-header sum */
+    uint8_t trunc;     /* rx: the datagram was truncated */
 } pkt;
 
 static inline uint32_t pkt_len(const pkt *k) { return k->hlen + k->plen; }
@@ -209,6 +221,7 @@ typedef struct {
     int nready, head;     /* head < nready (or next_msg < nmsg): stalled */
     struct iovec wiov[MAX_SEGS + 2];
     uint8_t vhdr[VNET_LEN];   /* the header of the write being built */
+    int csum_write;           /* that write is one packet with NEEDS_CSUM */
     uint8_t shdr[HDRSLOT];    /* IP + TCP header of a coalesced write */
 } rxvec;
 
@@ -220,6 +233,7 @@ static inline void tx_add(txvec *v, uint8_t *p, uint32_t n)
     k->hlen = n;
     k->pay = NULL;
     k->plen = 0;
+    k->partial = 0;
 }
 
 /* The ICMP token bucket. Tokens in units of 1e-9 token, so that a refill of elapsed ns * rate is
@@ -241,6 +255,7 @@ typedef struct {
     uint16_t port;
     int vnet;                          /* the TUN fd carries a virtio_net_hdr */
     int want_gso, want_gro, want_tun_gso;
+    int tun_csum;                      /* rx: TCP/UDP written with NEEDS_CSUM (= want_tun_gso) */
     /* lifecycle, Python side only */
     int state, started, gro_set;
     pthread_t thread;

@@ -120,7 +120,8 @@ static void classify_tx(Engine *e, txvec *v)
             CTR(e, drop_tun_malformed, 1);
             continue;
         }
-        if (!rt_lookup(&e->rt, get32(p + 16), NULL, NULL, &peer)) {
+        uint8_t rflags = 0;
+        if (!rt_lookup(&e->rt, get32(p + 16), NULL, NULL, &peer, &rflags)) {
             CTR(e, drop_no_route, 1);
             icmp_to_tun(e, p, n, ihl, 3);
             continue;
@@ -131,6 +132,12 @@ static void classify_tx(Engine *e, txvec *v)
             continue;
         }
         ttl_dec(p);
+        if (k->partial) {
+            if (rflags & RT_PEER_PARTIAL_CSUM)
+                OFF(e, csum_partial_sent, 1);
+            else
+                tx_complete(e, k);
+        }
         k->addr = peer;
         v->ready[v->nready++] = i;
     }
@@ -259,7 +266,7 @@ static void classify_rx(Engine *e, rxvec *v)
             CTR(e, drop_udp_bad_checksum, 1);
             continue;
         }
-        if (!rt_lookup(&e->rt, get32(p + 12), NULL, NULL, &peer)) {
+        if (!rt_lookup(&e->rt, get32(p + 12), NULL, NULL, &peer, NULL)) {
             CTR(e, drop_udp_unknown_src, 1);
             continue;
         }
@@ -311,6 +318,8 @@ static void write_rx(Engine *e, int was_stalled)
         } else {
             CTR(e, tun_tx_packets, (uint64_t)c);
             CTR(e, tun_tx_bytes, bytes);
+            if (c == 1 && v->csum_write)
+                OFF(e, tun_csum_writes, 1);
             if (c > 1) {
                 OFF(e, tun_gso_writes, 1);
                 OFF(e, tun_gso_segments, (uint64_t)c);

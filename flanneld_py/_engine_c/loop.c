@@ -20,7 +20,7 @@
 
 int eng_apply_cmd(Engine *e, const struct eng_cmd *c)
 {
-    if (c->op == CMD_SET && rt_insert(&e->rt, c->net, c->plen, c->peer) < 0) {
+    if (c->op == CMD_SET && rt_insert(&e->rt, c->net, c->plen, c->peer, (uint8_t)c->flags) < 0) {
         CTR(e, route_errors, 1);
         return -1;
     }
@@ -163,6 +163,7 @@ int eng_init(Engine *e, const eng_config *c)
     e->want_gso = c->udp_gso;
     e->want_gro = c->udp_gro;
     e->want_tun_gso = c->tun_gso;
+    e->tun_csum = c->tun_gso;
     e->off[O_vnet_hdr] = (uint64_t)c->vnet_hdr;
     bucket_init(&e->icmp_tokens, ICMP_MSGS_BURST, ICMP_MSGS_PER_SEC);
     e->state = ST_NEW;

@@ -185,9 +185,11 @@ static PyObject *engine_command(EngineObject *o, struct eng_cmd *c)
 static PyObject *Engine_set_route(EngineObject *o, PyObject *args)
 {
     struct eng_cmd c = {.op = CMD_SET};
-    if (!PyArg_ParseTuple(args, "O&O&O&:set_route", conv_u32, &c.net, conv_plen, &c.plen,
-                          conv_u32, &c.peer))
+    int partial = 0;
+    if (!PyArg_ParseTuple(args, "O&O&O&|p:set_route", conv_u32, &c.net, conv_plen, &c.plen,
+                          conv_u32, &c.peer, &partial))
         return NULL;
+    c.flags = partial ? RT_PEER_PARTIAL_CSUM : 0;
     return engine_command(o, &c);
 }
 
@@ -268,7 +270,8 @@ static PyMethodDef Engine_methods[] = {
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS,
      "Stop the loop and join its thread (idempotent); the fds stay open."},
     {"set_route", (PyCFunction)Engine_set_route, METH_VARARGS,
-     "set_route(net, prefixlen, peer): add or replace a route (host-order ints)."},
+     "set_route(net, prefixlen, peer, partial_csum=False): add or replace a route (host-order "
+     "ints); partial_csum: the peer completes TCP/UDP checksums left partial."},
     {"del_route", (PyCFunction)Engine_del_route, METH_VARARGS,
      "del_route(net, prefixlen): remove a route (no-op when absent)."},
     {"set_icmp_ratelimit", (PyCFunction)Engine_set_icmp_ratelimit, METH_VARARGS,
@@ -332,7 +335,7 @@ static PyObject *RouteTable_insert(RouteTableObject *t, PyObject *args)
     if (!PyArg_ParseTuple(args, "O&O&O&:insert", conv_u32, &net, conv_plen, &plen, conv_u32,
                           &peer))
         return NULL;
-    if (rt_insert(&t->rt, net, plen, peer) < 0)
+    if (rt_insert(&t->rt, net, plen, peer, 0) < 0)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -352,7 +355,7 @@ static PyObject *RouteTable_lookup(RouteTableObject *t, PyObject *arg)
     unsigned plen;
     if (!conv_u32(arg, &addr))
         return NULL;
-    if (!rt_lookup(&t->rt, addr, &net, &plen, &peer))
+    if (!rt_lookup(&t->rt, addr, &net, &plen, &peer, NULL))
         Py_RETURN_NONE;
     return Py_BuildValue("(kIk)", (unsigned long)net, plen, (unsigned long)peer);
 }

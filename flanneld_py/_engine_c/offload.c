@@ -21,8 +21,10 @@ static void tx_bad_read(Engine *e, uint32_t n)
 
 /* Cut the IPv4/TCP super-packet p[0..n) into segments of mss payload bytes, appended to v.
  * Each segment: the headers copied (total length, id + i, header checksum; seq + i * mss; FIN and
- * PSH only on the last, CWR only on the first; a full TCP checksum), its payload left in place.
- * 0 on success, -1 (nothing added) when the packet is not a well-formed one. */
+ * PSH only on the last, CWR only on the first; the TCP checksum field = the segment's pseudo-
+ * header sum, i.e. left partial: tx_complete() finishes it unless the peer takes it so), its
+ * payload left in place. 0 on success, -1 (nothing added) when the packet is not a well-formed
+ * one. */
 static int tso_split(Engine *e, txvec *v, uint8_t *p, uint32_t n, uint32_t mss)
 {
     if (n < 40 || p[0] >> 4 != 4 || p[9] != IPPROTO_TCP || get16(p + 2) != n)
@@ -41,7 +43,7 @@ static int tso_split(Engine *e, txvec *v, uint8_t *p, uint32_t n, uint32_t mss)
     uint32_t id0 = get16(p + 4), seq0 = get32(th + 4);
     uint8_t flags = th[13];
     uint64_t addrs = csum_add(0, p + 12, 8); /* pseudo-header: src + dst ... */
-    addrs = csum_add64(addrs, csum_be16(IPPROTO_TCP)); /* ... + protocol */
+    addrs = csum_add64(addrs, csum_be16(IPPROTO_TCP)); /* ... + protocol (+ length below) */
     const uint8_t *data = p + hl;
     for (uint32_t i = 0; i < nseg; i++) {
         uint32_t off = i * mss, len = pay - off < mss ? pay - off : mss;
@@ -59,16 +61,15 @@ static int tso_split(Engine *e, txvec *v, uint8_t *p, uint32_t n, uint32_t mss)
         if (i > 0)
             f &= (uint8_t)~TCP_CWR;
         t[13] = f;
-        put16(t + 16, 0);
-        uint64_t s = csum_add64(addrs, csum_be16(thl + len));
-        s = csum_add(s, t, thl);
-        s = csum_add(s, data + off, len);
-        put16(t + 16, ~csum_fold(s) & 0xffff);
+        put16(t + 16, csum_fold(csum_add64(addrs, csum_be16(thl + len))));
         pkt *k = &v->pk[v->npk++];
         k->p = h;
         k->hlen = hl;
         k->pay = (uint8_t *)data + off;
         k->plen = len;
+        k->partial = 1;
+        k->cs_start = (uint16_t)ihl;
+        k->cs_off = 16;
     }
     OFF(e, tso_packets, 1);
     OFF(e, tso_segments, nseg);
@@ -94,15 +95,44 @@ void tun_ingest_vnet(Engine *e, txvec *v, uint8_t *b, uint32_t r)
             tx_bad_read(e, n);
         return;
     }
-    if (flags & VNET_F_NEEDS_CSUM) { /* complete the checksum the kernel left partial */
+    if (flags & VNET_F_NEEDS_CSUM) { /* the kernel left the checksum partial */
         if ((uint64_t)cs_start + cs_off + 2 > n || (cs_start & 1)) {
             tx_bad_read(e, n);
             return;
         }
-        put16(p + cs_start + cs_off, ~csum_fold(csum_add(0, p + cs_start, n - cs_start)) & 0xffff);
-        OFF(e, csum_completed, 1);
+        tx_add(v, p, n);
+        pkt *k = &v->pk[v->npk - 1];
+        k->cs_start = (uint16_t)cs_start;
+        k->cs_off = (uint8_t)cs_off;
+        uint32_t ihl = n >= 20 ? (p[0] & 15u) * 4 : 0;
+        /* a TCP or UDP checksum right after the IPv4 header may go out partial (tx_complete
+         * decides, per peer); anything else is completed now */
+        if (ihl >= 20 && cs_start == ihl && !(get16(p + 6) & 0x3fff) &&
+            ((p[9] == IPPROTO_TCP && cs_off == 16 && n >= ihl + 20) ||
+             (p[9] == IPPROTO_UDP && cs_off == 6 && n >= ihl + 8)))
+            k->partial = 1;
+        else
+            put16(p + cs_start + cs_off,
+                  ~csum_fold(csum_add(0, p + cs_start, n - cs_start)) & 0xffff);
+        if (!k->partial)
+            OFF(e, csum_completed, 1);
+        return;
     }
     tx_add(v, p, n);
+}
+
+void tx_complete(Engine *e, pkt *k)
+{
+    uint8_t *l4 = k->p + k->cs_start;
+    uint64_t s = csum_add(0, l4, k->hlen - k->cs_start); /* the field holds the pseudo sum */
+    if (k->plen)
+        s = csum_add(s, k->pay, k->plen); /* hlen - cs_start is a TCP header length: even */
+    uint32_t c = ~csum_fold(s) & 0xffff;
+    if (c == 0 && k->cs_off == 6) /* UDP: 0 means "no checksum" (RFC 768) */
+        c = 0xffff;
+    put16(l4 + k->cs_off, c);
+    k->partial = 0;
+    OFF(e, csum_completed, 1);
 }
 
 /* ---- UDP GSO sends ---------------------------------------------------------------------------- */
@@ -227,24 +257,44 @@ static inline int tcp_candidate(const uint8_t *p, uint32_t n, uint32_t *thl)
     return 1;
 }
 
-/* TCP checksum of a candidate (IHL 5), checked once per packet: a coalesced write asks the
- * kernel to compute a fresh checksum, which must not hide a corrupted segment. */
-static int tcp_valid(Engine *e, pkt *k)
+/* A packet written alone into a vnet TUN with tun_csum: a TCP or UDP packet (not a fragment)
+ * goes with NEEDS_CSUM, its checksum field set to the pseudo-header sum, so that the kernel
+ * treats the checksum as its own to complete (CHECKSUM_PARTIAL: delivered locally it is never
+ * computed) instead of verifying it. The outer UDP checksum, which the kernel checked, covered
+ * these bytes; a packet that came with its checksum left partial (csum_partial_sent by a peer)
+ * needs exactly this. 1 and the vnet header in vh, or 0: write it as it is. */
+static int rx_csum_hdr(uint8_t *p, uint32_t n, uint8_t *vh)
 {
-    if (!k->tcpok) {
-        uint32_t l4 = k->hlen - 20;
-        uint64_t s = csum_add(pseudo_sum(k->p, l4), k->p + 20, l4);
-        k->tcpok = csum_fold(s) == 0xffff ? 1 : 2;
-        if (k->tcpok == 2)
-            OFF(e, coalesce_bad_csum, 1);
+    uint32_t ihl = (p[0] & 15u) * 4, hl, off;
+    if (get16(p + 6) & 0x3fff)
+        return 0;
+    if (p[9] == IPPROTO_TCP && n >= ihl + 20) {
+        hl = ihl + (uint32_t)(p[ihl + 12] >> 4) * 4;
+        if (hl < ihl + 20 || hl > n)
+            return 0;
+        off = 16;
+    } else if (p[9] == IPPROTO_UDP && n >= ihl + 8 && get16(p + ihl + 4) == n - ihl &&
+               get16(p + ihl + 6) != 0) {
+        hl = ihl + 8;
+        off = 6;
+    } else {
+        return 0;
     }
-    return k->tcpok == 1;
+    put16(p + ihl + off, csum_fold(pseudo_sum(p, n - ihl)));
+    vh[0] = VNET_F_NEEDS_CSUM;
+    vh[1] = VNET_GSO_NONE;
+    hput16(vh + 2, (uint16_t)hl);
+    hput16(vh + 4, 0);
+    hput16(vh + 6, (uint16_t)ihl);
+    hput16(vh + 8, (uint16_t)off);
+    return 1;
 }
 
 int build_write(Engine *e, rxvec *v, int *niov, uint64_t *bytes)
 {
     int h = v->head, c = 1;
     pkt *a = &v->pk[v->ready[h]];
+    v->csum_write = 0;
     uint32_t alen = a->hlen, thl;
     uint32_t hl = 0, mss = 0, total = alen;
     if (OFF_ON(e, tun_gso) && h + 1 < v->nready && tcp_candidate(a->p, alen, &thl) &&
@@ -267,8 +317,6 @@ int build_write(Engine *e, rxvec *v, int *niov, uint64_t *bytes)
                 memcmp(q + 28, ap + 28, 5) || (q[33] & ~TCP_PSH) != ap[33] ||
                 memcmp(q + 34, ap + 34, 2) || memcmp(q + 38, ap + 38, 2 + thl - 20))
                 break;
-            if ((c == 1 && !tcp_valid(e, a)) || !tcp_valid(e, b))
-                break;
             total += blen;
             seq += blen;
             c++;
@@ -279,8 +327,10 @@ int build_write(Engine *e, rxvec *v, int *niov, uint64_t *bytes)
     int w = 0;
     if (c == 1) {
         if (e->vnet) {
-            v->wiov[w].iov_base = (void *)zero_vnet;
+            int partial = e->tun_csum && rx_csum_hdr(a->p, alen, v->vhdr);
+            v->wiov[w].iov_base = partial ? v->vhdr : (void *)zero_vnet;
             v->wiov[w++].iov_len = VNET_LEN;
+            v->csum_write = partial;
         }
         v->wiov[w].iov_base = a->p;
         v->wiov[w++].iov_len = alen;
@@ -289,7 +339,9 @@ int build_write(Engine *e, rxvec *v, int *niov, uint64_t *bytes)
         return 1;
     }
     /* one GSO_TCPV4 packet: the first segment's headers (length, PSH of the last, checksum field
-     * = pseudo-header sum for the kernel to complete), then every segment's payload */
+     * = pseudo-header sum for the kernel to complete), then every segment's payload. The
+     * segments' own checksums are not verified (nor needed: the outer UDP checksum covered
+     * them, and one may have come partial) */
     const pkt *last = &v->pk[v->ready[h + c - 1]];
     uint8_t *s = v->shdr;
     memcpy(s, a->p, hl);

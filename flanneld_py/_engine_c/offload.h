@@ -21,6 +21,10 @@
 /* One read from a vnet TUN: b[0..r) = virtio_net_hdr + packet; its packet(s) appended to v. */
 void tun_ingest_vnet(Engine *e, txvec *v, uint8_t *b, uint32_t r);
 
+/* Complete the partial TCP/UDP checksum of a TUN -> UDP packet (k->partial): for a peer that
+ * does not take it partial. Counts csum_completed. */
+void tx_complete(Engine *e, pkt *k);
+
 /* The sendmmsg() messages for ready[head..] (at most BATCH): with GSO, one per run of same-peer
  * packets of one size (the last may be shorter); else one per packet. Their count. Idempotent:
  * rebuilt after a stall or a GSO refusal. */
@@ -31,7 +35,8 @@ int build_msgs(Engine *e, txvec *v);
 void rx_split(Engine *e, rxvec *v);
 
 /* How many ready packets from head on go into one write (1, or a coalesced run), with the write's
- * iovecs in v->wiov; *bytes = the inner packets' total. Rebuilt identically after a stall. */
+ * iovecs in v->wiov; *bytes = the inner packets' total; v->csum_write: a single packet written
+ * with NEEDS_CSUM (tun_csum). Rebuilt identically after a stall. */
 int build_write(Engine *e, rxvec *v, int *niov, uint64_t *bytes);
 
 #pragma GCC visibility pop

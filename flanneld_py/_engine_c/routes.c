@@ -69,17 +69,18 @@ static int rt_grow(rt_table *t)
     return 0;
 }
 
-int rt_insert(rt_table *t, uint32_t net, unsigned plen, uint32_t peer)
+int rt_insert(rt_table *t, uint32_t net, unsigned plen, uint32_t peer, uint8_t flags)
 {
     net &= pfx_mask(plen);
     int i = rt_find(t, net, plen);
     if (i >= 0) {
         t->slots[i].peer = peer;
+        t->slots[i].flags = flags;
         return 0;
     }
     if ((t->count + 1) * 2 > t->cap && rt_grow(t) < 0)
         return -1;
-    rt_slot s = {.net = net, .peer = peer, .plen = (uint8_t)plen, .used = 1};
+    rt_slot s = {.net = net, .peer = peer, .plen = (uint8_t)plen, .used = 1, .flags = flags};
     rt_place(t->slots, t, s);
     t->count++;
     if (t->per_len[plen]++ == 0)

@@ -9,9 +9,12 @@
 
 #include <stdint.h>
 
+/* What a route's peer can take (rt_slot.flags). */
+#define RT_PEER_PARTIAL_CSUM 1u /* completes partial TCP/UDP checksums (its lease says so) */
+
 typedef struct {
     uint32_t net, peer;
-    uint8_t plen, used;
+    uint8_t plen, used, flags;
 } rt_slot;
 
 typedef struct {
@@ -35,15 +38,16 @@ static inline uint32_t rt_home(const rt_table *t, uint32_t net, unsigned plen)
 /* An empty table; -1 when out of memory. */
 int rt_init(rt_table *t);
 void rt_free(rt_table *t);
-/* Add or replace net/plen -> peer (net is masked); -1 when out of memory (table unchanged). */
-int rt_insert(rt_table *t, uint32_t net, unsigned plen, uint32_t peer);
+/* Add or replace net/plen -> peer with its RT_PEER_* flags (net is masked); -1 when out of
+ * memory (table unchanged). */
+int rt_insert(rt_table *t, uint32_t net, unsigned plen, uint32_t peer, uint8_t flags);
 /* Remove exactly net/plen: 1 if it was there, else 0. */
 int rt_remove(rt_table *t, uint32_t net, unsigned plen);
 #pragma GCC visibility pop
 
-/* The longest match of addr: 1 and *peer (and *net, *plen unless NULL), else 0. */
+/* The longest match of addr: 1 and *peer (and *net, *plen, *flags unless NULL), else 0. */
 static inline int rt_lookup(const rt_table *t, uint32_t addr, uint32_t *net, unsigned *plen,
-                            uint32_t *peer)
+                            uint32_t *peer, uint8_t *flags)
 {
     uint32_t m = t->cap - 1;
     for (int k = 0; k < t->norder; k++) {
@@ -59,6 +63,8 @@ static inline int rt_lookup(const rt_table *t, uint32_t addr, uint32_t *net, uns
                 if (plen)
                     *plen = l;
                 *peer = s->peer;
+                if (flags)
+                    *flags = s->flags;
                 return 1;
             }
         }

@@ -1,11 +1,18 @@
 """The udp backend: our TUN device (``flannel0``), one UDP socket and the packet engine.
 
 Wire-compatible with flannel's udp backend: every inner IPv4 packet travels as one UDP datagram
-to ``<peer PublicIP>:<Backend.Port>`` (8285). The lease carries no BackendType/BackendData, as
-real flanneld writes it. The TUN gets the lease's network address as /32 and a route for the
-whole Network; the engine owns the per-peer routes (set/del commands). The TUN lives as long as
-the process: when the daemon stops, the kernel removes flannel0 with its route (the daemon's
-guard route then refuses the network's traffic until it is back).
+to ``<peer PublicIP>:<Backend.Port>`` (8285). The lease carries no BackendType, as real flanneld
+writes it. A host whose C engine completes partial TCP/UDP checksums (offload auto, TUN with a
+virtio header) says so in its lease's BackendData, ``{"Capabilities":["partial-csum"]}``; its
+peers' C engines then leave those checksums partial when they send to it (no pass over the
+payload on either side). Real flanneld's udp backend reads only PublicIP from a lease, so the key
+is safe in a mixed network; to a host that does not advertise it (real flanneld, --offload off,
+the Python engine) every packet goes out with complete checksums.
+
+The TUN gets the lease's network address as /32 and a route for the whole Network; the engine
+owns the per-peer routes (set/del commands). The TUN lives as long as the process: when the
+daemon stops, the kernel removes flannel0 with its route (the daemon's guard route then refuses
+the network's traffic until it is back).
 """
 
 from __future__ import annotations
@@ -40,7 +47,26 @@ from flanneld_py.tun import (
     vnet_hdr_supported,
 )
 
-__all__ = ["ENCAP_OVERHEAD", "UdpBackend", "bind_udp"]
+__all__ = [
+    "CAPABILITIES",
+    "ENCAP_OVERHEAD",
+    "PARTIAL_CSUM",
+    "UdpBackend",
+    "bind_udp",
+    "takes_partial_csum",
+]
+
+#: BackendData key of a udp lease listing what its host's engine can take
+CAPABILITIES = "Capabilities"
+#: capability: the host completes TCP/UDP checksums that a sender left partial
+PARTIAL_CSUM = "partial-csum"
+
+
+def takes_partial_csum(lease: Lease) -> bool:
+    """Whether the lease's host completes partial checksums (its BackendData lists it)."""
+    caps = (lease.backend_data or {}).get(CAPABILITIES)
+    return isinstance(caps, list) and PARTIAL_CSUM in caps
+
 
 log = logging.getLogger("flanneld_py.backend.udp")
 
@@ -111,7 +137,13 @@ class UdpBackend:
         # fail now, not after a lease is taken, when we may not create the TUN device
         fd, _ = open_tun(self.tun_name)
         os.close(fd)
+        if self._vnet_hdr():  # our engine will complete partial checksums: tell the peers
+            return LeaseAttrs(backend_data={CAPABILITIES: [PARTIAL_CSUM]})
         return LeaseAttrs()
+
+    def _vnet_hdr(self) -> bool:
+        """Whether our TUN carries a virtio header (C engine, offload auto, kernel support)."""
+        return wants_vnet_hdr(self.engine_kind, self.offload) and vnet_hdr_supported()
 
     async def start(self, lease: Lease) -> None:
         if self.engine is not None:  # our subnet changed: a new data plane for the new lease
@@ -120,7 +152,7 @@ class UdpBackend:
         subnet = lease.subnet
         # offloads: only the C engine reads/writes the TUN with a virtio header (TSO super-packets
         # in, coalesced GSO packets out); without kernel support the TUN is a plain one
-        vnet = wants_vnet_hdr(self.engine_kind, self.offload) and vnet_hdr_supported()
+        vnet = self._vnet_hdr()
         self.tun_fd, name = open_tun(self.tun_name, vnet_hdr=vnet)
         try:
             tun_offloads = probe_offloads(self.tun_fd, ENGINE_OFFLOADS) if vnet else frozenset()
@@ -167,7 +199,9 @@ class UdpBackend:
             return
         for ev in events:
             if isinstance(ev, LeaseAdded):
-                self.engine.set_route(ev.lease.subnet, ev.lease.public_ip)
+                self.engine.set_route(
+                    ev.lease.subnet, ev.lease.public_ip, partial_csum=takes_partial_csum(ev.lease)
+                )
             else:
                 self.engine.del_route(ev.subnet)
 

@@ -485,6 +485,107 @@ def test_needs_csum_completed(bench: Bench) -> None:
     assert c["csum_completed"] == 2 and c["tso_packets"] == 0
 
 
+def test_partial_checksums_to_a_peer_that_takes_them() -> None:
+    """A route set with partial_csum (the peer's lease advertises it): TSO segments and NEEDS_CSUM
+    packets leave with the checksum field holding the pseudo-header sum, no pass over their
+    payload. Completed by the reference (the kernel's way) they equal, byte for byte, what a peer
+    without it gets: fully checksummed packets, as before."""
+    b = Bench(start=False)
+    try:
+        b.node.engine.set_route(peer_subnet(0), peer_ip(0), partial_csum=True)
+        b.start()
+        data = bytes((i * 7) & 0xFF for i in range(9001))
+        for peer in (0, 1):
+            tcp = tcp_packet(local_host(), peer_host(peer), b"hello, odd length!!", flags="PA")
+            udp = udp_packet(local_host(), peer_host(peer), b"x" * 333)
+            sup = tcp_packet(local_host(), peer_host(peer), data, options=TS_OPTS, flags="PA")
+            want = expected_segments(sup, 1388)
+            b.node.to_tun(tso_read(sup, 1388))
+            got = collect_peer(b, peer, len(want))
+            singles = []
+            for pkt in (tcp, udp):
+                ihl = (pkt[0] & 15) * 4
+                off = 16 if pkt[9] == 6 else 6
+                b.node.to_tun(VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, ihl, off) + set_partial(pkt))
+                singles.append((pkt, b.from_peer(peer)))
+            if peer == 1:  # complete checksums, exactly as without the capability
+                assert got == want and all(checksums_ok(g) for g in got)
+                assert [g for _, g in singles] == [dec_ttl(p) for p, _ in singles]
+                continue
+            for g, w in zip(got, want, strict=True):
+                assert g[36:38] == struct.pack("!H", pseudo_sum(g, len(g) - 20))
+                assert not checksums_ok(g)
+                assert complete_partial(g, 20, 16) == w
+            for pkt, g in singles:
+                ihl, off = 20, 16 if pkt[9] == 6 else 6
+                assert g == dec_ttl(set_partial(pkt))
+                assert complete_partial(g, ihl, off) == dec_ttl(pkt)
+        n = len(expected_segments(sup, 1388))
+        c = b.node.wait(udp_tx_packets=2 * (n + 2))
+        assert (c["csum_partial_sent"], c["csum_completed"]) == (n + 2, n + 2), nonzero(c)
+    finally:
+        b.close()
+
+
+def test_inner_checksums_not_verified_on_receive(bench: Bench) -> None:
+    """The receive path makes no pass over payload bytes: the outer UDP checksum, checked by the
+    kernel, covered them. A TCP segment whose own checksum is wrong (or left partial) is written
+    with NEEDS_CSUM like any other, and coalesced into a run like any other; packets that are not
+    TCP/UDP, a UDP datagram without checksum and a fragment are written as they came."""
+    b = bench
+    a = flow(3, mss=1000)
+    bad = bytearray(a[1])
+    bad[36:38] = b"\x12\x34"  # wrong TCP checksum in the middle of a run
+    b.peer_send_gso(0, [a[0], bytes(bad), a[2]])
+    hdr, sp = b.node.from_tun()
+    check_super(hdr, sp, a)  # as if it had been right: the kernel computes a fresh one
+    lone = bytearray(tcp_packet(peer_host(0), local_host(), b"lone", flags="PA"))
+    lone[36:38] = b"\xde\xad"
+    nocsum = bytearray(udp_packet(peer_host(0), local_host(), b"u" * 100))
+    nocsum[26:28] = b"\0\0"  # UDP: no checksum
+    frag = bytes(IP(src=peer_host(0), dst=local_host(), flags="MF") / UDP() / Raw(b"f" * 64))
+    ping = bytes(IP(src=peer_host(0), dst=local_host()) / ICMP() / Raw(b"p" * 56))
+    for pkt in (bytes(lone), bytes(nocsum), frag, ping):
+        b.peer_send(0, pkt)
+    h, p = b.node.from_tun()
+    assert h == (F_NEEDS_CSUM, GSO_NONE, 40, 0, 20, 16) and checksums_ok(delivered((h, p)))
+    assert delivered((h, p))[40:] == b"lone"
+    for pkt in (bytes(nocsum), frag, ping):
+        assert b.node.from_tun() == ((0,) * 6, dec_ttl(pkt))
+    c = b.node.wait(tun_tx_packets=7)
+    assert (c["tun_gso_writes"], c["tun_csum_writes"]) == (1, 1), nonzero(c)
+
+
+def test_partial_checksums_between_two_engines() -> None:
+    """Engine A sends partial checksums to engine B (its route says B takes them): B's writes,
+    completed as the kernel completes them, are valid, and the byte stream is intact, for
+    super-packets (coalesced) as for lone segments and UDP datagrams."""
+    b = Bench(twin=True, npeers=1, start=False)
+    try:
+        assert b.twin is not None
+        b.node.engine.set_route(peer_subnet(0), peer_ip(0), partial_csum=True)
+        b.start()
+        data = bytes(((i * 31) ^ (i >> 8)) & 0xFF for i in range(20000))
+        sup = tcp_packet(local_host(), peer_host(0), data, flags="PA", options=TS_OPTS)
+        read = tso_read(sup, 1388)
+        b.node.to_tun(read)
+        hdr, sp = b.twin.from_tun()  # the same super-packet, as without partial checksums
+        assert sp == dec_ttl(read[10:], 2) and hdr == VNET.unpack(read[:10])
+        assert checksums_ok(complete_partial(sp, 20, 16))
+        assert bytes(IP(sp)[TCP].payload) == data
+        small = tcp_packet(local_host(), peer_host(0), b"s" * 100, flags="PA")
+        udp = udp_packet(local_host(), peer_host(0), b"d" * 999)
+        for pkt in (small, udp):
+            off = 16 if pkt[9] == 6 else 6
+            b.node.to_tun(VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, off) + set_partial(pkt))
+            assert delivered(b.twin.from_tun()) == dec_ttl(pkt, 2)
+        ca = b.node.wait(csum_partial_sent=-(-20000 // 1388) + 2)
+        assert ca["csum_completed"] == 0
+        assert b.twin.wait(tun_csum_writes=2)["tun_gso_writes"] == 1
+    finally:
+        b.close()
+
+
 @pytest.mark.parametrize(
     "read",
     [
@@ -665,6 +766,22 @@ def check_super(hdr: tuple[int, ...] | None, sp: bytes, segs: Sequence[bytes]) -
 Write = tuple[tuple[int, ...] | None, bytes]
 
 
+def delivered(write: Write) -> bytes:
+    """The packet a single TUN write stands for, as the kernel delivers it. A write with offload
+    auto carries a TCP/UDP packet with NEEDS_CSUM: its header must say exactly where the checksum
+    is, the field must hold the pseudo-header sum, and the packet is completed the kernel's way
+    (``complete_partial``, the reference). Other writes carry the packet as it is."""
+    hdr, pkt = write
+    if hdr is None or hdr == (0,) * 6:
+        return pkt
+    ihl = (pkt[0] & 15) * 4
+    off = 16 if pkt[9] == 6 else 6
+    l4hdr = (pkt[ihl + 12] >> 4) * 4 if pkt[9] == 6 else 8
+    assert hdr == (F_NEEDS_CSUM, GSO_NONE, ihl + l4hdr, 0, ihl, off), hdr
+    assert pkt[ihl + off : ihl + off + 2] == struct.pack("!H", pseudo_sum(pkt, len(pkt) - ihl))
+    return complete_partial(pkt, ihl, off)
+
+
 def segments_of(writes: Sequence[Write]) -> list[bytes]:
     """The packets the writes stand for: a GSO write cut up again (as the kernel would), TTL
     kept; plain writes as they are."""
@@ -673,7 +790,7 @@ def segments_of(writes: Sequence[Write]) -> list[bytes]:
         if hdr is not None and hdr[1] == GSO_TCPV4:
             out += expected_segments(pkt, hdr[3], ttl_dec=0)
         else:
-            out.append(pkt)
+            out.append(delivered((hdr, pkt)))
     return out
 
 
@@ -720,7 +837,8 @@ def test_coalesce_with_timestamps_and_ece(bench: Bench) -> None:
 
 def test_coalesce_breaks() -> None:
     """What ends a run: another flow in the middle, a gap or a step back (out of order), PSH (it
-    is the last), another ack, a bad TCP checksum, CWR. The packets stay in order and unchanged."""
+    is the last), another ack, CWR. The packets stay in order and unchanged; the ones written
+    alone go with NEEDS_CSUM (``delivered`` checks and completes them)."""
     b = Bench(start=False)
     try:
         a = flow(14, mss=1000)
@@ -732,14 +850,12 @@ def test_coalesce_breaks() -> None:
             args.update(kw)
             return tcp_packet(peer_host(0), local_host(), bytes(q[TCP].payload), **args)
 
-        bad11 = bytearray(a[11])
-        bad11[-1] ^= 0xFF
         sent = [
             a[0], a[1], other, a[2], a[3],  # another flow's segment in the middle
             a[5], a[4],  # out of order
             a[6], variant(a[7], flags="PA"),  # PSH on the last: still one run
             a[8], variant(a[9], ack=1),  # another ack
-            a[10], bytes(bad11), a[12],  # a bad TCP checksum: alone, unchanged
+            a[10], a[11], a[12],  # one run
             variant(a[13], flags="CA"),  # CWR: alone
         ]  # fmt: skip
         for p in sent:
@@ -753,15 +869,15 @@ def test_coalesce_breaks() -> None:
             (N, 1), (N, 1),  # a5, a4
             (G, 2),  # [a6 a7+PSH]
             (N, 1), (N, 1),  # a8, a9 with another ack
-            (N, 1), (N, 1), (N, 1),  # a10, bad a11, a12
+            (G, 3),  # [a10 a11 a12]
             (N, 1),  # a13 CWR
         ]  # fmt: skip
-        assert writes[9][1] == dec_ttl(bytes(bad11))
         check_super(*writes[0], sent[0:2])
         check_super(*writes[5], sent[7:9])
+        check_super(*writes[8], sent[11:14])
         c = b.node.wait(tun_tx_packets=len(sent))
-        assert c["coalesce_bad_csum"] == 1 and c["tun_gso_writes"] == 3
-        assert c["tun_tx_packets"] == len(sent) and c["tun_gso_segments"] == 6
+        assert c["tun_gso_writes"] == 4 and c["tun_csum_writes"] == 6
+        assert c["tun_tx_packets"] == len(sent) and c["tun_gso_segments"] == 9
     finally:
         b.close()
 
@@ -799,8 +915,8 @@ def test_coalesce_refuses(change: str) -> None:
         b.peer_send(0, a1)
         b.start()
         w = [b.node.from_tun(), b.node.from_tun()]
-        assert [h for h, _ in w] == [(0,) * 6, (0,) * 6]
-        assert [p for _, p in w] == [dec_ttl(a0), dec_ttl(a1)]
+        assert [h[1] for h, _ in w if h] == [GSO_NONE, GSO_NONE]
+        assert [delivered(x) for x in w] == [dec_ttl(a0), dec_ttl(a1)]
     finally:
         b.close()
 
@@ -851,8 +967,8 @@ def test_gro_every_datagram_validated() -> None:
             short,
         ]  # fmt: skip
         b.peer_send_gso(0, batch)
-        assert b.node.from_tun() == ((0,) * 6, dec_ttl(good1))
-        assert b.node.from_tun() == ((0,) * 6, dec_ttl(good2))
+        assert delivered(b.node.from_tun()) == dec_ttl(good1)
+        assert delivered(b.node.from_tun()) == dec_ttl(good2)
         icmp = b.from_peer(0)  # time exceeded back to the sending peer
         assert IP(icmp)[ICMP].type == 11 and icmp[28:] == ttl1[:28]
         c = b.node.wait(udp_rx_packets=9, tun_tx_packets=2)
@@ -926,7 +1042,8 @@ def test_tun_refuses_gso_write_falls_back() -> None:
         segs = flow(20)  # 28 KiB coalesced > the 16 KiB the kernel allows for 8192 asked
         b.peer_send_gso(0, segs)
         got = [b.node.from_tun() for _ in segs]
-        assert got == [((0,) * 6, dec_ttl(s)) for s in segs]
+        assert [delivered(g) for g in got] == [dec_ttl(s) for s in segs]
+        assert all(h and h[1] == GSO_NONE for h, _ in got)
         c = b.node.wait(tun_tx_packets=len(segs))
         assert (c["tun_gso"], c["tun_gso_errors"], c["tun_gso_errno"]) == (0, 1, errno.EMSGSIZE)
         assert c["tun_gso_writes"] == 0 and c["tun_tx_errors"] == 0
@@ -993,8 +1110,8 @@ def test_gro_split_resumes_when_vector_full() -> None:
         for m in range(1, reads):
             b.peer_send_gso(0, pkts[m * per : (m + 1) * per])
         b.start()
-        got = [b.node.from_tun() for _ in pkts]
-        assert got == [((0,) * 6, dec_ttl(p)) for p in pkts]
+        got = [delivered(b.node.from_tun()) for _ in pkts]
+        assert got == [dec_ttl(p) for p in pkts]
         c = b.node.wait(tun_tx_packets=len(pkts))
         assert (c["gro_reads"], c["gro_segments"], c["udp_rx_packets"]) == (reads, 5000, 5000)
         assert c["udp_rx_batches"] == 1 and c["tun_tx_stalls"] >= 1, nonzero(c)
