@@ -30,7 +30,9 @@ class Engine:
 
     ``vnet_hdr``: the TUN fd was opened with ``IFF_VNET_HDR`` (TSO/CSUM reads are handled);
     ``udp_gso``/``udp_gro``: use them if the kernel accepts (probed in ``start()``, GRO is set on
-    the socket there and cleared at ``stop()``); ``tun_gso``: coalesced writes (needs vnet_hdr).
+    the socket there and cleared at ``stop()``); ``tun_gso``: coalesced writes (needs vnet_hdr),
+    and TCP/UDP packets written alone with NEEDS_CSUM; ``tun_uso``: UDP datagrams coalesced too
+    (GSO_UDP_L4 writes: the TUN accepted USO; needs tun_gso).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class Engine:
         udp_gso: bool = False,
         udp_gro: bool = False,
         tun_gso: bool = False,
+        tun_uso: bool = False,
     ) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...

@@ -148,6 +148,7 @@ class CEngine:
             udp_gso=on,
             udp_gro=on,
             tun_gso=on and cfg.vnet_hdr,
+            tun_uso=on and cfg.vnet_hdr and {"uso4", "uso6"} <= cfg.tun_offloads,
         )
         self._vnet_hdr = cfg.vnet_hdr
         self._tun_offloads = frozenset(cfg.tun_offloads) if cfg.vnet_hdr else frozenset()
@@ -183,7 +184,7 @@ class CEngine:
         raw = self._engine.offloads()
         active: list[str] = []
         if self._vnet_hdr:
-            active += [f"tun_{name}" for name in ("csum", "tso4", "tso6", "tso_ecn")
+            active += [f"tun_{name}" for name in ("csum", "tso4", "tso6", "tso_ecn", "uso4", "uso6")
                        if name in self._tun_offloads]  # fmt: skip
         active += [name for name in _STATE_FLAGS if raw[name]]
         return {

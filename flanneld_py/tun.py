@@ -64,9 +64,9 @@ OFFLOAD_FLAGS: dict[str, int] = {
 
 #: what :func:`probe_offloads` tries when not told
 DEFAULT_OFFLOADS = frozenset({"csum", "tso4", "tso6", "uso4", "uso6"})
-#: what the C engine handles: checksum completion and TCP super-packets (also with CWR); no USO,
-#: it does not split UDP super-packets
-ENGINE_OFFLOADS = frozenset({"csum", "tso4", "tso6", "tso_ecn"})
+#: what the C engine handles: checksum completion, TCP super-packets (also with CWR) and UDP
+#: super-packets (USO: the kernel takes uso4 and uso6 only together)
+ENGINE_OFFLOADS = frozenset({"csum", "tso4", "tso6", "tso_ecn", "uso4", "uso6"})
 
 #: size of struct virtio_net_hdr in front of every packet when IFF_VNET_HDR is on
 VNET_HDR_LEN = 10

@@ -34,8 +34,9 @@
  *                tun_ingest_vnet(): with IFF_VNET_HDR: a TSO super-packet (GSO_TCPV4) is split
  *                               into MSS segments (tso_split: IP length/id/checksum, TCP seq,
  *                               FIN/PSH on the last only, CWR on the first only, TCP checksum
- *                               left partial: the pseudo-header sum); a NEEDS_CSUM TCP/UDP
- *                               packet keeps its partial checksum too
+ *                               left partial: the pseudo-header sum); a USO super-packet
+ *                               (GSO_UDP_L4) into its datagrams (uso_split, the same way); a
+ *                               NEEDS_CSUM TCP/UDP packet keeps its partial checksum too
  *                classify_tx(): per packet/segment: IPv4 checks, LPM(dst), TTL-1 (RFC 1624),
  *                               ICMP errors into the TUN; a partial checksum is completed
  *                               (tx_complete) unless the route's peer takes it partial
@@ -53,7 +54,9 @@
  *                write_rx():    writev() into the TUN; with IFF_VNET_HDR each write starts with a
  *                               virtio_net_hdr, and consecutive in-order segments of one TCP flow
  *                               go as one GSO_TCPV4 super-packet (NEEDS_CSUM, pseudo-header sum
- *                               in the checksum field; build_write). With tun_csum a TCP/UDP
+ *                               in the checksum field; build_write); with tun_uso datagrams of
+ *                               one UDP flow (ids one up each) go as one GSO_UDP_L4 packet,
+ *                               which the kernel cuts up again. With tun_csum a TCP/UDP
  *                               packet written alone goes with NEEDS_CSUM too. No pass over the
  *                               payload: the outer UDP checksum, checked by the kernel, covered
  *                               the inner packet, and a peer may have left its checksum partial
@@ -77,6 +80,8 @@
  *             (tun_gso_errors) and the packets go one by one.
  *   tun_csum  (on with tun_gso, stays on) single TCP/UDP writes with NEEDS_CSUM; what lets the
  *             daemon advertise that it takes partial checksums.
+ *   tun_uso   (with tun_gso, when the TUN accepted TUN_F_USO4|USO6) coalesced UDP writes; off
+ *             with tun_gso when a GSO write is refused.
  *
  * Functions shared between sources have hidden visibility (the module exports only its init).
  */
@@ -157,7 +162,8 @@ enum { COUNTER_LIST(X_ENUM) N_CTR };
     X(gso_sends) X(gso_segments) X(gso_errors) X(gso_errno)                                        \
     X(gro_reads) X(gro_segments)                                                                   \
     X(tun_gso_writes) X(tun_gso_segments) X(tun_gso_errors) X(tun_gso_errno)                       \
-    X(csum_partial_sent) X(tun_csum_writes)
+    X(csum_partial_sent) X(tun_csum_writes) X(uso_packets) X(uso_segments)                         \
+    X(tun_uso_writes) X(tun_uso_segments)
 
 #define X_ENUM(n) O_##n,
 enum { OFFLOAD_LIST(X_ENUM) N_OFF };
@@ -222,6 +228,7 @@ typedef struct {
     struct iovec wiov[MAX_SEGS + 2];
     uint8_t vhdr[VNET_LEN];   /* the header of the write being built */
     int csum_write;           /* that write is one packet with NEEDS_CSUM */
+    int gso_udp;              /* that write is a coalesced GSO_UDP_L4 packet */
     uint8_t shdr[HDRSLOT];    /* IP + TCP header of a coalesced write */
 } rxvec;
 
@@ -256,6 +263,7 @@ typedef struct {
     int vnet;                          /* the TUN fd carries a virtio_net_hdr */
     int want_gso, want_gro, want_tun_gso;
     int tun_csum;                      /* rx: TCP/UDP written with NEEDS_CSUM (= want_tun_gso) */
+    int tun_uso;                       /* rx: UDP datagrams coalesced into GSO_UDP_L4 writes */
     /* lifecycle, Python side only */
     int state, started, gro_set;
     pthread_t thread;

@@ -320,7 +320,10 @@ static void write_rx(Engine *e, int was_stalled)
             CTR(e, tun_tx_bytes, bytes);
             if (c == 1 && v->csum_write)
                 OFF(e, tun_csum_writes, 1);
-            if (c > 1) {
+            if (c > 1 && v->gso_udp) {
+                OFF(e, tun_uso_writes, 1);
+                OFF(e, tun_uso_segments, (uint64_t)c);
+            } else if (c > 1) {
                 OFF(e, tun_gso_writes, 1);
                 OFF(e, tun_gso_segments, (uint64_t)c);
             }

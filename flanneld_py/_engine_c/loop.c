@@ -164,6 +164,7 @@ int eng_init(Engine *e, const eng_config *c)
     e->want_gro = c->udp_gro;
     e->want_tun_gso = c->tun_gso;
     e->tun_csum = c->tun_gso;
+    e->tun_uso = c->tun_gso && c->tun_uso;
     e->off[O_vnet_hdr] = (uint64_t)c->vnet_hdr;
     bucket_init(&e->icmp_tokens, ICMP_MSGS_BURST, ICMP_MSGS_PER_SEC);
     e->state = ST_NEW;

@@ -17,6 +17,7 @@ typedef struct {
     uint16_t port;
     uint32_t mtu;
     int vnet_hdr, udp_gso, udp_gro, tun_gso;
+    int tun_uso; /* the TUN takes GSO_UDP_L4 writes (it accepted TUN_F_USO4|USO6) */
 } eng_config;
 
 /* The results of eng_init() and eng_start(). */

@@ -78,16 +78,20 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"tun_fd",  "udp_fd",  "local_net", "local_prefixlen",
                              "local_addr", "port", "mtu", "vnet_hdr", "udp_gso", "udp_gro",
-                             "tun_gso", NULL};
-    int tun_fd, udp_fd, port, mtu, vnet = 0, gso = 0, gro = 0, tun_gso = 0;
+                             "tun_gso", "tun_uso", NULL};
+    int tun_fd, udp_fd, port, mtu, vnet = 0, gso = 0, gro = 0, tun_gso = 0, tun_uso = 0;
     uint32_t net, addr;
     unsigned plen;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiO&O&O&ii|$pppp:Engine", kwlist, &tun_fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiO&O&O&ii|$ppppp:Engine", kwlist, &tun_fd,
                                      &udp_fd, conv_u32, &net, conv_plen, &plen, conv_u32, &addr,
-                                     &port, &mtu, &vnet, &gso, &gro, &tun_gso))
+                                     &port, &mtu, &vnet, &gso, &gro, &tun_gso, &tun_uso))
         return NULL;
     if (tun_gso && !vnet) {
         PyErr_SetString(PyExc_ValueError, "tun_gso needs a TUN fd opened with vnet_hdr");
+        return NULL;
+    }
+    if (tun_uso && !tun_gso) {
+        PyErr_SetString(PyExc_ValueError, "tun_uso needs tun_gso");
         return NULL;
     }
     int fds[2] = {tun_fd, udp_fd};
@@ -127,6 +131,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         .udp_gso = gso,
         .udp_gro = gro,
         .tun_gso = tun_gso,
+        .tun_uso = tun_uso,
     };
     int rc = eng_init(&o->core, &c);
     if (rc != ENG_OK) {

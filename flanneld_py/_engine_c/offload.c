@@ -76,6 +76,47 @@ static int tso_split(Engine *e, txvec *v, uint8_t *p, uint32_t n, uint32_t mss)
     return 0;
 }
 
+/* Cut the IPv4/UDP super-packet p[0..n) (GSO_UDP_L4: one UDP header, then datagrams of gso
+ * payload bytes, the last may be shorter) into its datagrams, appended to v, as the kernel's UDP
+ * GSO would: IP length, id + i, header checksum; UDP length; the UDP checksum left partial (the
+ * pseudo-header sum), payload left in place. 0, or -1 (nothing added) when malformed. */
+static int uso_split(Engine *e, txvec *v, uint8_t *p, uint32_t n, uint32_t gso)
+{
+    if (n < 29 || p[0] >> 4 != 4 || p[9] != IPPROTO_UDP || get16(p + 2) != n)
+        return -1;
+    uint32_t ihl = (p[0] & 15u) * 4, hl = ihl + 8;
+    if (ihl < 20 || hl >= n || (get16(p + 6) & 0x3fff) || gso == 0)
+        return -1;
+    uint32_t pay = n - hl, nseg = (pay + gso - 1) / gso;
+    if (nseg > (uint32_t)(PKTCAP - v->npk))
+        return -1;
+    uint32_t id0 = get16(p + 4);
+    uint64_t addrs = csum_add64(csum_add(0, p + 12, 8), csum_be16(IPPROTO_UDP));
+    const uint8_t *data = p + hl;
+    for (uint32_t i = 0; i < nseg; i++) {
+        uint32_t off = i * gso, len = pay - off < gso ? pay - off : gso;
+        uint8_t *h = v->hdrs + (size_t)v->npk * HDRSLOT;
+        memcpy(h, p, hl);
+        put16(h + 2, hl + len);
+        put16(h + 4, (id0 + i) & 0xffff);
+        put16(h + 10, 0);
+        put16(h + 10, csum(h, ihl));
+        put16(h + ihl + 4, 8 + len);
+        put16(h + ihl + 6, csum_fold(csum_add64(addrs, csum_be16(8 + len))));
+        pkt *k = &v->pk[v->npk++];
+        k->p = h;
+        k->hlen = hl;
+        k->pay = (uint8_t *)data + off;
+        k->plen = len;
+        k->partial = 1;
+        k->cs_start = (uint16_t)ihl;
+        k->cs_off = 6;
+    }
+    OFF(e, uso_packets, 1);
+    OFF(e, uso_segments, nseg);
+    return 0;
+}
+
 void tun_ingest_vnet(Engine *e, txvec *v, uint8_t *b, uint32_t r)
 {
     if (r < VNET_LEN) {
@@ -88,6 +129,11 @@ void tun_ingest_vnet(Engine *e, txvec *v, uint8_t *b, uint32_t r)
     uint32_t gso_size = hget16(b + 4), cs_start = hget16(b + 6), cs_off = hget16(b + 8);
     if (n >= 1 && p[0] >> 4 == 6) { /* IPv6 (TSO6 too): classify_tx drops it */
         tx_add(v, p, n);
+        return;
+    }
+    if (gso == VNET_GSO_UDP_L4) {
+        if (uso_split(e, v, p, n, gso_size) < 0)
+            tx_bad_read(e, n);
         return;
     }
     if (gso != VNET_GSO_NONE) {
@@ -290,11 +336,49 @@ static int rx_csum_hdr(uint8_t *p, uint32_t n, uint8_t *vh)
     return 1;
 }
 
+/* Is p[0..n) a UDP datagram that may be part of a coalesced write? IPv4 without options or
+ * fragmentation, a UDP length that matches, a checksum (not 0), payload > 0. */
+static inline int udp_candidate(const uint8_t *p, uint32_t n)
+{
+    return p[0] == 0x45 && p[9] == IPPROTO_UDP && !(get16(p + 6) & 0x3fff) && n > 28 &&
+           get16(p + 24) == n - 20 && get16(p + 26) != 0;
+}
+
+/* How many of ready[h..] continue the UDP datagram a as one GSO_UDP_L4 packet (the kernel's UDP
+ * GSO gives them back exactly): same IP header but for the length, the checksum and an id one
+ * up each time; same addresses and ports; payloads as long as a's, the last may be shorter. */
+static int udp_run(rxvec *v, int h, const pkt *a, uint32_t *total)
+{
+    const uint8_t *ap = a->p;
+    uint32_t mss = a->hlen - 28, id = get16(ap + 4);
+    int c = 1;
+    *total = a->hlen;
+    while (h + c < v->nready && c < MAX_SEGS) {
+        const pkt *b = &v->pk[v->ready[h + c]];
+        const uint8_t *q = b->p;
+        uint32_t bl = b->hlen;
+        if (!udp_candidate(q, bl))
+            break;
+        uint32_t blen = bl - 28;
+        if (blen > mss || *total + blen > SUPER_MAX)
+            break;
+        if (memcmp(q, ap, 2) || get16(q + 4) != ((id + (uint32_t)c) & 0xffff) ||
+            memcmp(q + 6, ap + 6, 4) || memcmp(q + 12, ap + 12, 12))
+            break;
+        *total += blen;
+        c++;
+        if (blen < mss)
+            break;
+    }
+    return c;
+}
+
 int build_write(Engine *e, rxvec *v, int *niov, uint64_t *bytes)
 {
     int h = v->head, c = 1;
     pkt *a = &v->pk[v->ready[h]];
     v->csum_write = 0;
+    v->gso_udp = 0;
     uint32_t alen = a->hlen, thl;
     uint32_t hl = 0, mss = 0, total = alen;
     if (OFF_ON(e, tun_gso) && h + 1 < v->nready && tcp_candidate(a->p, alen, &thl) &&
@@ -324,6 +408,14 @@ int build_write(Engine *e, rxvec *v, int *niov, uint64_t *bytes)
                 break;
         }
     }
+    int udp = 0;
+    if (c == 1 && e->tun_uso && OFF_ON(e, tun_gso) && h + 1 < v->nready &&
+        udp_candidate(a->p, alen)) {
+        c = udp_run(v, h, a, &total);
+        udp = c > 1;
+        hl = 28;
+        mss = alen - 28;
+    }
     int w = 0;
     if (c == 1) {
         if (e->vnet) {
@@ -348,15 +440,21 @@ int build_write(Engine *e, rxvec *v, int *niov, uint64_t *bytes)
     put16(s + 2, total);
     put16(s + 10, 0);
     put16(s + 10, csum(s, 20));
-    s[33] |= last->p[33] & TCP_PSH;
-    put16(s + 36, csum_fold(pseudo_sum(s, total - 20)));
+    if (udp) { /* one GSO_UDP_L4 packet: one UDP header (the whole length), the datagrams' data */
+        put16(s + 24, total - 20);
+        put16(s + 26, csum_fold(pseudo_sum(s, total - 20)));
+    } else {
+        s[33] |= last->p[33] & TCP_PSH;
+        put16(s + 36, csum_fold(pseudo_sum(s, total - 20)));
+    }
     uint8_t *vh = v->vhdr;
     vh[0] = VNET_F_NEEDS_CSUM;
-    vh[1] = VNET_GSO_TCPV4;
+    vh[1] = udp ? VNET_GSO_UDP_L4 : VNET_GSO_TCPV4;
     hput16(vh + 2, (uint16_t)hl);
     hput16(vh + 4, (uint16_t)mss);
     hput16(vh + 6, 20);
-    hput16(vh + 8, 16);
+    hput16(vh + 8, udp ? 6 : 16);
+    v->gso_udp = udp;
     v->wiov[w].iov_base = vh;
     v->wiov[w++].iov_len = VNET_LEN;
     v->wiov[w].iov_base = s;

@@ -14,6 +14,7 @@
 #define VNET_F_NEEDS_CSUM 1
 #define VNET_GSO_NONE 0
 #define VNET_GSO_TCPV4 1
+#define VNET_GSO_UDP_L4 5
 #define VNET_GSO_ECN 0x80
 
 #pragma GCC visibility push(hidden)

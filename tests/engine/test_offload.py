@@ -295,8 +295,11 @@ class Bench:
         twin_vnet_hdr: bool = True,
         twin_offload: str = "auto",
         start: bool = True,
+        uso: bool = False,
     ) -> None:
         self._closers: list[Callable[[], None]] = []
+        #: what the fake TUNs "accepted" (TUNSETOFFLOAD): uso adds uso4+uso6 (UDP coalescing)
+        self.tun_offloads = frozenset({"csum", "tso4"} | ({"uso4", "uso6"} if uso else set()))
         try:
             addrs = ["127.0.0.1", *(str(peer_ip(i)) for i in range(npeers))]
             self.port, socks = _free_port(addrs)
@@ -347,7 +350,7 @@ class Bench:
                 mtu=MTU,
                 offload=offload,
                 vnet_hdr=vnet_hdr,
-                tun_offloads=frozenset({"csum", "tso4"}) if vnet_hdr else frozenset(),
+                tun_offloads=self.tun_offloads if vnet_hdr else frozenset(),
             ),
         )
         assert isinstance(e, CEngine)
@@ -789,6 +792,8 @@ def segments_of(writes: Sequence[Write]) -> list[bytes]:
     for hdr, pkt in writes:
         if hdr is not None and hdr[1] == GSO_TCPV4:
             out += expected_segments(pkt, hdr[3], ttl_dec=0)
+        elif hdr is not None and hdr[1] == GSO_UDP_L4:
+            out += expected_datagrams(pkt, hdr[3], ttl_dec=0)
         else:
             out.append(delivered((hdr, pkt)))
     return out
@@ -1119,6 +1124,111 @@ def test_gro_split_resumes_when_vector_full() -> None:
         b.close()
 
 
+# --- inner UDP: USO reads, coalesced GSO_UDP_L4 writes ------------------------------------------
+
+GSO_UDP_L4 = 5
+
+
+def udp_super(src: str, dst: str, payload: bytes, *, ip_id: int = 500, sport: int = 4000) -> bytes:
+    """A UDP super-packet as a TUN with USO hands it over: one IPv4 + UDP header for all."""
+    return bytes(
+        IP(src=src, dst=dst, id=ip_id, flags="DF") / UDP(sport=sport, dport=5000) / Raw(payload)
+    )
+
+
+def uso_read(pkt: bytes, gso: int) -> bytes:
+    return VNET.pack(F_NEEDS_CSUM, GSO_UDP_L4, 28, gso, 20, 6) + set_partial(pkt)
+
+
+def expected_datagrams(pkt: bytes, gso: int, ttl_dec: int = 1) -> list[bytes]:
+    """The datagrams the kernel's UDP GSO makes of pkt (id + i, lengths, checksums), by scapy."""
+    p = IP(pkt)
+    data = bytes(p[UDP].payload)
+    out = []
+    for i in range(-(-len(data) // gso)):
+        q = IP(src=p.src, dst=p.dst, id=(p.id + i) & 0xFFFF, ttl=p.ttl - ttl_dec, tos=p.tos,
+               flags=p.flags)  # fmt: skip
+        u = UDP(sport=p[UDP].sport, dport=p[UDP].dport)
+        out.append(bytes(q / u / Raw(data[i * gso : (i + 1) * gso])))
+    return out
+
+
+def test_uso_read_split_into_datagrams(bench: Bench) -> None:
+    """A GSO_UDP_L4 read is cut into its datagrams, each a complete, valid UDP datagram (for a
+    peer without partial-csum), the last one shorter; one GSO send carries them."""
+    b = bench
+    pkt = udp_super(local_host(), peer_host(0), bytes(range(256)) * 14 + b"tail")  # 3588 bytes
+    b.node.to_tun(uso_read(pkt, 1000))
+    want = expected_datagrams(pkt, 1000)
+    got = collect_peer(b, 0, len(want))
+    assert got == want and all(checksums_ok(g) for g in got)
+    c = b.node.wait(udp_tx_packets=4)
+    assert (c["uso_packets"], c["uso_segments"], c["gso_sends"]) == (1, 4, 1), nonzero(c)
+    assert c["csum_completed"] == 4
+
+
+def test_uso_read_malformed_dropped(bench: Bench) -> None:
+    b = bench
+    tcp = tcp_packet(local_host(), peer_host(0), b"t" * 3000)
+    b.node.to_tun(VNET.pack(F_NEEDS_CSUM, GSO_UDP_L4, 28, 1000, 20, 6) + tcp)  # not UDP
+    pkt = udp_super(local_host(), peer_host(0), b"u" * 3000)
+    b.node.to_tun(VNET.pack(F_NEEDS_CSUM, GSO_UDP_L4, 28, 0, 20, 6) + pkt)  # gso_size 0
+    c = b.node.wait(drop_tun_malformed=2)
+    assert c["vnet_errors"] == 2 and c["udp_tx_packets"] == 0
+
+
+def test_udp_flow_coalesced_into_one_write() -> None:
+    """Datagrams of one UDP flow (ids one up each, one size, the last may be shorter) received in
+    one GRO read are written as one GSO_UDP_L4 packet; cut up the kernel's way it gives back
+    exactly the datagrams (TTL-1)."""
+    b = Bench(uso=True)
+    try:
+        pkt = udp_super(peer_host(0), local_host(), bytes(range(200)) * 50 + b"end")
+        dgrams = expected_datagrams(pkt, 1200, ttl_dec=0)
+        b.peer_send_gso(0, dgrams)
+        hdr, sp = b.node.from_tun()
+        assert hdr == (F_NEEDS_CSUM, GSO_UDP_L4, 28, 1200, 20, 6)
+        assert len(sp) == 28 + sum(len(d) - 28 for d in dgrams)
+        assert sp[24:26] == struct.pack("!H", len(sp) - 20)
+        assert sp[26:28] == struct.pack("!H", pseudo_sum(sp, len(sp) - 20))
+        assert expected_datagrams(sp, 1200, ttl_dec=0) == [dec_ttl(d) for d in dgrams]
+        c = b.node.wait(tun_uso_writes=1)
+        assert (c["tun_uso_segments"], c["tun_tx_packets"]) == (len(dgrams), len(dgrams))
+    finally:
+        b.close()
+
+
+def test_udp_coalesce_breaks() -> None:
+    """Another flow, an id that is not one up, a longer datagram, no checksum: each ends a run
+    (or stays alone); everything arrives, in order, unchanged."""
+    b = Bench(uso=True, start=False)
+    try:
+        a = expected_datagrams(udp_super(peer_host(0), local_host(), b"a" * 6000), 1000, 0)
+        other = expected_datagrams(
+            udp_super(peer_host(0), local_host(), b"o" * 1000, sport=4001, ip_id=900), 1000, 0
+        )[0]
+        gap = expected_datagrams(
+            udp_super(peer_host(0), local_host(), b"a" * 1000, ip_id=a[3][5] + 5), 1000, 0
+        )[0]
+        longer = expected_datagrams(
+            udp_super(peer_host(0), local_host(), b"l" * 1100, ip_id=506), 1100, 0
+        )[0]
+        nocsum = bytearray(expected_datagrams(
+            udp_super(peer_host(0), local_host(), b"n" * 1000, ip_id=507), 1000, 0
+        )[0])  # fmt: skip
+        nocsum[26:28] = b"\0\0"
+        sent = [a[0], a[1], other, a[2], a[3], gap, a[4], longer, bytes(nocsum), a[5]]
+        for p in sent:
+            b.peer_send(0, p)
+        b.start()
+        writes = read_writes(b.node, len(sent))
+        assert segments_of(writes) == [dec_ttl(p) for p in sent]
+        U, N = GSO_UDP_L4, GSO_NONE
+        assert [(h[1] if h else None) for h, _ in writes] == [U, N, U, N, N, N, N, N]
+    finally:
+        b.close()
+
+
 # --- through two engines ------------------------------------------------------------------------
 
 
@@ -1179,6 +1289,29 @@ def test_mixed_offloads_stream_identical(a_offload: str, b_vnet: bool, b_offload
         assert got == want
         assert b"".join(bytes(IP(g)[TCP].payload) for g in got) == stream
         assert all(checksums_ok(g) for g in got)
+    finally:
+        b.close()
+
+
+def test_uso_split_and_recoalesce_identical() -> None:
+    """A UDP super-packet read by engine A (USO) is split into datagrams, sent with GSO, received
+    by engine B with GRO and coalesced again: B writes the same super-packet (TTL-2), with the
+    same vnet header; the datagrams go partial (B advertises it) and come out valid."""
+    b = Bench(twin=True, npeers=1, uso=True, start=False)
+    try:
+        assert b.twin is not None
+        b.node.engine.set_route(peer_subnet(0), peer_ip(0), partial_csum=True)
+        b.start()
+        pkt = udp_super(local_host(), peer_host(0), bytes(i & 0xFF for i in range(30001)))
+        read = uso_read(pkt, 1400)
+        b.node.to_tun(read)
+        hdr, sp = b.twin.from_tun()
+        assert hdr == VNET.unpack(read[:10])
+        assert sp == dec_ttl(read[10:], 2)
+        assert all(checksums_ok(d) for d in expected_datagrams(sp, 1400, ttl_dec=0))
+        ca = b.node.wait(uso_segments=22)
+        assert ca["csum_partial_sent"] == 22 and ca["csum_completed"] == 0
+        assert b.twin.wait(tun_uso_segments=22)["tun_uso_writes"] == 1
     finally:
         b.close()
 
