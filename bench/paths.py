@@ -41,6 +41,7 @@ PATHS = (
     "flanneld-host-gw",
     "flanneld-c",
     "flanneld-c-batched",
+    "flanneld-c-1thread",
     "flanneld-python",
 )
 REFERENCE = "vxlan"
@@ -50,8 +51,10 @@ PATH_TITLES = {
     "vxlan": "kernel VXLAN (the reference)",
     "flanneld-vxlan": "flanneld-py vxlan backend (the kernel's VXLAN, set up by flanneld-py)",
     "flanneld-host-gw": "flanneld-py host-gw backend (plain routes, set up by flanneld-py)",
-    "flanneld-c": "flanneld-py UDP backend, C engine (segmentation offloads: --offload auto)",
+    "flanneld-c": "flanneld-py UDP backend, C engine (segmentation offloads: --offload auto; "
+    "--engine-threads 0: one thread per CPU)",
     "flanneld-c-batched": "flanneld-py UDP backend, C engine, batched only (--offload off)",
+    "flanneld-c-1thread": "flanneld-py UDP backend, C engine, one thread (--engine-threads 1)",
     "flanneld-python": "flanneld-py UDP backend, pure-Python engine",
 }
 
@@ -297,6 +300,8 @@ def build(
                       config=network_config(backend=backend))  # fmt: skip
         elif name == "flanneld-c-batched":
             _flanneld(lab, bp, mtu, offloads, "c", logs, start_timeout, ("--offload", "off"))
+        elif name == "flanneld-c-1thread":
+            _flanneld(lab, bp, mtu, offloads, "c", logs, start_timeout, ("--engine-threads", "1"))
         else:
             raise LabError(f"unknown path {name!r}")
         assert bp.client is not None

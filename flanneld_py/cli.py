@@ -132,6 +132,8 @@ FLAGS: tuple[Flag, ...] = (
          choices=("auto", "c", "python")),
     Flag("offload", "choice", "segmentation offloads of the C engine (TUN TSO, UDP GSO/GRO): "
          "auto = what the kernel accepts, off = none", "MODE", choices=("auto", "off")),
+    Flag("engine-threads", "int", "threads of the C engine, each with its own TUN queue and UDP "
+         "socket (flows spread over them); 0 = one per CPU", "N", bounds=(0, 64)),
     Flag("tun-name", "str", "name of the TUN device", "NAME"),
     Flag("control-socket", "str", "local unix socket (root only) for `flanneld-py status`: "
          "/healthz, /readyz, /status, /metrics; \"\" = none", "PATH"),

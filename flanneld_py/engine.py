@@ -21,6 +21,7 @@ the kernel does not accept is off (probed at start; a refused GSO send turns GSO
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Protocol
 
@@ -49,6 +50,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineError",
+    "EngineGroup",
     "EngineUnavailable",
     "c_engine_available",
     "make_engine",
@@ -204,6 +206,88 @@ class CEngine:
         self._engine.stop()
 
 
+class EngineGroup:
+    """Several C engines that act as one (``--engine-threads``): engine i moves the packets of TUN
+    queue i (``IFF_MULTI_QUEUE``: the kernel spreads the flows over the queues) and of UDP socket
+    i (one ``SO_REUSEPORT`` group, steered by the inner flow: ``reuseport.py``). Every route
+    command goes to every engine (each thread keeps its own table); counters are summed;
+    ``thread_stats()`` gives them per engine."""
+
+    kind = "c"
+
+    def __init__(self, engines: Sequence[CEngine]) -> None:
+        if not engines:
+            raise EngineError("an engine group needs at least one engine")
+        self.engines = list(engines)
+
+    def start(self) -> None:
+        started: list[CEngine] = []
+        try:
+            for e in self.engines:
+                e.start()
+                started.append(e)
+        except BaseException:
+            for e in started:
+                e.stop()
+            raise
+
+    def set_route(
+        self, subnet: IPv4Network, peer: IPv4Address, *, partial_csum: bool = False
+    ) -> None:
+        for e in self.engines:
+            e.set_route(subnet, peer, partial_csum=partial_csum)
+
+    def del_route(self, subnet: IPv4Network) -> None:
+        for e in self.engines:
+            e.del_route(subnet)
+
+    def routes(self) -> dict[IPv4Network, IPv4Address]:
+        return self.engines[0].routes()
+
+    def stats(self) -> dict[str, int]:
+        return _sum_counters(e.stats() for e in self.engines)
+
+    def thread_stats(self) -> list[dict[str, int]]:
+        """Each engine's counters, in queue order."""
+        return [e.stats() for e in self.engines]
+
+    def offloads(self) -> dict[str, int]:
+        """State flags: on only where on in every engine; counters summed (errnos: the first)."""
+        each = [e.offloads() for e in self.engines]
+        out = _sum_counters(each)
+        for k in ("vnet_hdr", *_STATE_FLAGS):
+            out[k] = min(o[k] for o in each)
+        for k in ("gso_errno", "tun_gso_errno"):
+            out[k] = next((o[k] for o in each if o[k]), 0)
+        return out
+
+    def offload_status(self) -> dict[str, Any]:
+        st = self.engines[0].offload_status()
+        raw = self.offloads()
+        flags = [n for n in st["active"] if n.startswith("tun_") and n != "tun_gso"]
+        st["active"] = flags + [name for name in _STATE_FLAGS if raw[name]]
+        st["counters"] = {k: v for k, v in raw.items() if k not in (*_STATE_FLAGS, "vnet_hdr")}
+        return st
+
+    def alive(self) -> bool:
+        return all(e.alive() for e in self.engines)
+
+    def error(self) -> str | None:
+        return next((err for e in self.engines if (err := e.error()) is not None), None)
+
+    def stop(self) -> None:
+        for e in self.engines:
+            e.stop()
+
+
+def _sum_counters(each: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in each:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def _unavailable_message() -> str:
     return (
         f"the C engine (flanneld_py._engine) is not built ({_ENGINE_IMPORT_ERROR}): "
@@ -257,6 +341,6 @@ def offload_status(engine: Engine) -> dict[str, Any]:
     ``{"active": [...], "vnet_hdr": bool, "tun_offloads": [...], "counters": {...}}``.
     ``active`` names ``tun_csum``/``tun_tso4``/``tun_tso6``/``tun_tso_ecn`` (what the TUN hands
     over), ``udp_gso``, ``udp_gro``, ``tun_gso`` (coalesced writes); the Python engine: none."""
-    if isinstance(engine, CEngine):
+    if isinstance(engine, CEngine | EngineGroup):
         return engine.offload_status()
     return {"active": [], "vnet_hdr": False, "tun_offloads": [], "counters": {}}

@@ -94,6 +94,9 @@ class Options:
     #: segmentation offloads of the C engine (TUN TSO/checksum, UDP GSO/GRO, coalesced TUN
     #: writes): "auto" = whatever the kernel accepts, "off" = none. The Python engine has none.
     offload: Offload = "auto"
+    #: threads of the C engine, each with its own TUN queue and UDP socket (flows spread over
+    #: them); 0 = one per CPU. The Python engine has one.
+    engine_threads: int = 0
     #: name of the TUN device (at most 15 bytes).
     tun_name: str = "flannel0"
     #: log threshold.

@@ -142,8 +142,11 @@ def _backend_line(backend: dict[str, Any] | None) -> str:
     if isinstance(engine, dict):
         offloads = backend.get("offloads")
         active = offloads.get("active") if isinstance(offloads, dict) else None
+        threads = engine.get("threads")
+        nthreads = f" x {len(threads)} threads" if isinstance(threads, list) else ""
         line += (
-            f", engine {engine.get('kind', '?')} (offloads: {', '.join(active or []) or 'none'})"
+            f", engine {engine.get('kind', '?')}{nthreads}"
+            f" (offloads: {', '.join(active or []) or 'none'})"
         )
     elif btype == "udp":
         line += ", engine not running"

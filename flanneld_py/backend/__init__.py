@@ -24,7 +24,13 @@ def make_backend(cfg: NetworkConfig, ext: ExternalInterface, opts: Options) -> B
         from flanneld_py.backend.udp import UdpBackend
 
         return UdpBackend(
-            b, cfg.network, ext, tun_name=opts.tun_name, engine=opts.engine, offload=opts.offload
+            b,
+            cfg.network,
+            ext,
+            tun_name=opts.tun_name,
+            engine=opts.engine,
+            offload=opts.offload,
+            engine_threads=opts.engine_threads,
         )
     from flanneld_py.backend._netops import RealNetOps
 

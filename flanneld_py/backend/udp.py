@@ -25,20 +25,24 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, cast
 
 from flanneld_py import netlink
 from flanneld_py.backend._base import BackendError, LeaseAttrs
 from flanneld_py.config import BackendConfig
 from flanneld_py.engine import (
+    CEngine,
     Engine,
     EngineConfig,
+    EngineGroup,
     make_engine,
     offload_status,
+    resolve_kind,
     wants_vnet_hdr,
 )
 from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent
 from flanneld_py.netlink import ExternalInterface
+from flanneld_py.reuseport import attach_inner_flow_steering
 from flanneld_py.tun import (
     ENGINE_OFFLOADS,
     link_is_up,
@@ -74,17 +78,21 @@ log = logging.getLogger("flanneld_py.backend.udp")
 ENCAP_OVERHEAD = 28
 
 
-def bind_udp(address: IPv4Address, port: int) -> socket.socket:
+def bind_udp(address: IPv4Address, port: int, *, reuseport: bool = False) -> socket.socket:
     """The encapsulation socket, bound like flanneld's to <interface address>:<port>.
 
-    No SO_REUSEADDR (nor SO_REUSEPORT): with it, any other socket that sets the option, of any
-    user, could bind the same address and port and be handed our peers' datagrams.
+    No SO_REUSEADDR: with it, any other socket that sets the option, of any user, could bind the
+    same address and port and be handed our peers' datagrams. ``reuseport`` (several engine
+    threads: one socket each) sets SO_REUSEPORT, whose group the kernel opens only to sockets of
+    the same user (root); its steering program (``reuseport.py``) picks only among ours.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((str(address), port))
     except OSError as e:
         sock.close()
@@ -115,6 +123,7 @@ class UdpBackend:
         tun_name: str = "flannel0",
         engine: str = "auto",
         offload: str = "auto",
+        engine_threads: int = 1,
     ) -> None:
         self.cfg = cfg
         self.network = network
@@ -122,9 +131,12 @@ class UdpBackend:
         self.tun_name = tun_name
         self.engine_kind = engine
         self.offload = offload
+        #: engine threads asked for (0 = one per CPU); the Python engine always has one
+        self.engine_threads = engine_threads
         self.lease: Lease | None = None
-        self.tun_fd = -1
-        self.sock: socket.socket | None = None
+        #: one TUN queue fd and one UDP socket per engine thread
+        self.tun_fds: list[int] = []
+        self.socks: list[socket.socket] = []
         self.engine: Engine | None = None
         #: offloads whose runtime shutdown has been logged already
         self._offload_warned: set[str] = set()
@@ -153,33 +165,46 @@ class UdpBackend:
         # offloads: only the C engine reads/writes the TUN with a virtio header (TSO super-packets
         # in, coalesced GSO packets out); without kernel support the TUN is a plain one
         vnet = self._vnet_hdr()
-        self.tun_fd, name = open_tun(self.tun_name, vnet_hdr=vnet)
+        n = self.threads()
         try:
-            tun_offloads = probe_offloads(self.tun_fd, ENGINE_OFFLOADS) if vnet else frozenset()
+            fd, name = open_tun(self.tun_name, vnet_hdr=vnet, multi_queue=n > 1)
+            self.tun_fds.append(fd)
+            while len(self.tun_fds) < n:  # the other queues of the same device
+                self.tun_fds.append(open_tun(name, vnet_hdr=vnet, multi_queue=True)[0])
+            tun_offloads = probe_offloads(fd, ENGINE_OFFLOADS) if vnet else frozenset()
             await asyncio.to_thread(
                 netlink.configure_tun, name, subnet.network_address, self.network, self.mtu
             )
-            self.sock = bind_udp(self.ext.address, self.cfg.port)
-            self.engine = make_engine(
-                self.engine_kind,
-                EngineConfig(
-                    tun_fd=self.tun_fd,
-                    udp_fd=self.sock.fileno(),
-                    local_subnet=subnet,
-                    local_addr=subnet.network_address,
-                    port=self.cfg.port,
-                    mtu=self.mtu,
-                    offload=self.offload,
-                    vnet_hdr=vnet,
-                    tun_offloads=tun_offloads,
-                ),
-            )
+            self.socks = [bind_udp(self.ext.address, self.cfg.port, reuseport=n > 1)]
+            while len(self.socks) < n:
+                self.socks.append(bind_udp(self.ext.address, self.cfg.port, reuseport=True))
+            if n > 1:
+                attach_inner_flow_steering(self.socks[0], n)
+            engines = [
+                make_engine(
+                    self.engine_kind,
+                    EngineConfig(
+                        tun_fd=tfd,
+                        udp_fd=sock.fileno(),
+                        local_subnet=subnet,
+                        local_addr=subnet.network_address,
+                        port=self.cfg.port,
+                        mtu=self.mtu,
+                        offload=self.offload,
+                        vnet_hdr=vnet,
+                        tun_offloads=tun_offloads,
+                    ),
+                )
+                for tfd, sock in zip(self.tun_fds, self.socks, strict=True)
+            ]
+            # n > 1 only for the C engine (threads())
+            self.engine = engines[0] if n == 1 else EngineGroup(cast(list[CEngine], engines))
             self.engine.start()
         except BaseException:
             self._close_dataplane()
             raise
         log.info(
-            "data plane up: %s %s/32 mtu %d, route %s, UDP %s:%d, %s engine, offloads: %s",
+            "data plane up: %s %s/32 mtu %d, route %s, UDP %s:%d, %s engine%s, offloads: %s",
             name,
             subnet.network_address,
             self.mtu,
@@ -187,8 +212,18 @@ class UdpBackend:
             self.ext.address,
             self.cfg.port,
             self.engine.kind,
+            f" x {n} threads" if n > 1 else "",
             ", ".join(offload_status(self.engine)["active"]) or "none",
         )
+
+    def threads(self) -> int:
+        """Engine threads to run: as asked (0 = one per CPU this process may use), but one for
+        the Python engine."""
+        if resolve_kind(self.engine_kind) == "python":
+            return 1
+        if self.engine_threads > 0:
+            return self.engine_threads
+        return max(1, len(os.sched_getaffinity(0)))
 
     def accepts(self, lease: Lease) -> bool:
         # real flanneld writes no BackendType for udp leases; "udp" is accepted too
@@ -244,24 +279,27 @@ class UdpBackend:
     def status(self) -> dict[str, Any]:
         if self.engine is None:
             return {"type": self.name, "device": self.tun_name, "engine": None, "offloads": None}
-        return {
+        out: dict[str, Any] = {
             "type": self.name,
             "device": self.tun_name,
             "port": self.cfg.port,
             "engine": {"kind": self.engine.kind, **self.engine.stats()},
             "offloads": offload_status(self.engine),
         }
+        if isinstance(self.engine, EngineGroup):  # the same counters, per thread
+            out["engine"]["threads"] = self.engine.thread_stats()
+        return out
 
     def _close_dataplane(self) -> None:
         if self.engine is not None:
             self.engine.stop()
             self.engine = None
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.tun_fd >= 0:
-            os.close(self.tun_fd)  # the kernel removes flannel0 with its addresses and routes
-            self.tun_fd = -1
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
+        for fd in self.tun_fds:  # the last one closed: the kernel removes flannel0 and its routes
+            os.close(fd)
+        self.tun_fds = []
 
     async def close(self) -> None:
         engine = self.engine

@@ -184,11 +184,18 @@ def test_gso_refused_at_runtime_falls_back(
         st = offloads(h1)
         assert "udp_gso" not in st["active"] and "udp_gro" in st["active"]
         c = st["counters"]
-        assert c["gso_errors"] == 1 and c["gso_errno"] in (errno.EMSGSIZE, errno.EINVAL, errno.EIO)
+        # each engine thread finds out on its own (summed counter: 1 per thread that sent)
+        nthreads = len(h1.status()["engine"].get("threads") or [1])
+        errors = c["gso_errors"]
+        assert 1 <= errors <= nthreads and c["gso_errno"] in (
+            errno.EMSGSIZE,
+            errno.EINVAL,
+            errno.EIO,
+        )
         wait_for(lambda: "turned off UDP GSO" in h1.log_text(), 10, 0.1, "the log line")
         transfer(cs[1], cs[0], tmp_path, 5 * MiB, "gso-off-back")
         transfer(cs[0], cs[1], tmp_path, 5 * MiB, "gso-off-again")
-        assert offloads(h1)["counters"]["gso_errors"] == 1
+        assert errors <= offloads(h1)["counters"]["gso_errors"] <= nthreads
         assert h1.log_text().count("turned off UDP GSO") == 1
         assert "udp_gso" in offloads(h2)["active"]  # the peer is not affected
     finally:

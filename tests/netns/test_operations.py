@@ -156,7 +156,10 @@ def test_status_command_shows_the_lease_and_the_peer(cluster: Cluster) -> None:
     lines = proc.stdout.splitlines()
     lease = next(line for line in lines if line.startswith("lease "))
     assert f"{h.subnet} (PublicIP {doc['lease']['public_ip']}), expires in 23h 5" in lease
-    assert f"backend    udp on flannel0 port 8285, engine {doc['engine']['kind']} (offloads: " in (
+    threads = doc["engine"].get("threads")
+    nthreads = f" x {len(threads)} threads" if threads else ""  # --engine-threads 0: one per CPU
+    kind = doc["engine"]["kind"]
+    assert f"backend    udp on flannel0 port 8285, engine {kind}{nthreads} (offloads: " in (
         proc.stdout
     )
     assert f"etcd       {cl.etcd.endpoint} (v3), watch live" in lines

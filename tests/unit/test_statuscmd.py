@@ -232,3 +232,16 @@ def test_module_is_runnable() -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr == NOT_RUNNING.format("/nonexistent/x.sock")
+
+
+def test_backend_line_names_engine_threads() -> None:
+    engine = {"kind": "c", "udp_rx_packets": 5}
+    backend = {"type": "udp", "device": "flannel0", "port": 8285, "engine": engine,
+               "offloads": {"active": ["udp_gso"]}}  # fmt: skip
+    assert statuscmd._backend_line(backend) == (
+        "udp on flannel0 port 8285, engine c (offloads: udp_gso)"
+    )
+    engine["threads"] = [{"udp_rx_packets": 2}, {"udp_rx_packets": 3}]
+    assert statuscmd._backend_line(backend) == (
+        "udp on flannel0 port 8285, engine c x 2 threads (offloads: udp_gso)"
+    )
