@@ -56,6 +56,7 @@ __all__ = [
     "make_engine",
     "offload_status",
     "resolve_kind",
+    "sum_counters",
     "wants_vnet_hdr",
 ]
 
@@ -245,7 +246,7 @@ class EngineGroup:
         return self.engines[0].routes()
 
     def stats(self) -> dict[str, int]:
-        return _sum_counters(e.stats() for e in self.engines)
+        return sum_counters(e.stats() for e in self.engines)
 
     def thread_stats(self) -> list[dict[str, int]]:
         """Each engine's counters, in queue order."""
@@ -254,7 +255,7 @@ class EngineGroup:
     def offloads(self) -> dict[str, int]:
         """State flags: on only where on in every engine; counters summed (errnos: the first)."""
         each = [e.offloads() for e in self.engines]
-        out = _sum_counters(each)
+        out = sum_counters(each)
         for k in ("vnet_hdr", *_STATE_FLAGS):
             out[k] = min(o[k] for o in each)
         for k in ("gso_errno", "tun_gso_errno"):
@@ -280,7 +281,8 @@ class EngineGroup:
             e.stop()
 
 
-def _sum_counters(each: Iterable[dict[str, int]]) -> dict[str, int]:
+def sum_counters(each: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Counter dicts added up key by key."""
     out: dict[str, int] = {}
     for c in each:
         for k, v in c.items():

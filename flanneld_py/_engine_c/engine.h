@@ -42,8 +42,9 @@
  *                               (tx_complete) unless the route's peer takes it partial
  *                               (RT_PEER_PARTIAL_CSUM: its lease advertises it)
  *                send_tx():     sendmmsg() of the survivors to <peer PublicIP>:<port>; with UDP
- *                               GSO one message per run of same-peer, equal-size packets (the
- *                               last may be shorter, <= MAX_SEGS; build_msgs): the kernel cuts it
+ *                               GSO one message per run of same-peer, same-flow, equal-size
+ *                               packets (the last may be shorter, <= MAX_SEGS; build_msgs; one
+ *                               flow: the receiver steers a bundle to one thread): the kernel cuts it
  *                               back into one datagram per packet, so the wire format is unchanged
  *   UDP -> TUN   udp_batch():   recvmmsg() up to BATCH messages (65536-byte buffers); with
  *                               UDP_GRO a message may hold several datagrams (cmsg: their size)

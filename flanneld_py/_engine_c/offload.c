@@ -183,6 +183,19 @@ void tx_complete(Engine *e, pkt *k)
 
 /* ---- UDP GSO sends ---------------------------------------------------------------------------- */
 
+/* Do a and b belong to one inner flow (addresses, protocol, and the ports word at IHL 5)? A GSO
+ * send keeps to one: the receiver's kernel steers a whole GSO (or GRO) bundle by its first
+ * datagram to one engine thread (reuseport.py), and a flow split over two threads could be
+ * reordered. */
+static inline int same_flow(const pkt *a, const pkt *b)
+{
+    const uint8_t *p = a->p, *q = b->p; /* hlen >= 20 (classify_tx); segments: >= 40 */
+    if (p[9] != q[9] || memcmp(p + 12, q + 12, 8))
+        return 0;
+    int pa = a->hlen >= 24, pb = b->hlen >= 24;
+    return pa == pb && (!pa || !memcmp(p + 20, q + 20, 4));
+}
+
 int build_msgs(Engine *e, txvec *v)
 {
     int nm = 0, k = v->head;
@@ -195,7 +208,8 @@ int build_msgs(Engine *e, txvec *v)
             while (k + c < v->nready && c < MAX_SEGS) {
                 const pkt *b = &v->pk[v->ready[k + c]];
                 uint32_t l = pkt_len(b);
-                if (b->addr != a->addr || l > size || l == 0 || total + l > GSO_MAX_BYTES)
+                if (b->addr != a->addr || l > size || l == 0 || total + l > GSO_MAX_BYTES ||
+                    !same_flow(a, b))
                     break;
                 total += l;
                 c++;

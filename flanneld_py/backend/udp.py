@@ -38,6 +38,7 @@ from flanneld_py.engine import (
     make_engine,
     offload_status,
     resolve_kind,
+    sum_counters,
     wants_vnet_hdr,
 )
 from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent
@@ -220,6 +221,8 @@ class UdpBackend:
         """Engine threads to run: as asked (0 = one per CPU this process may use), but one for
         the Python engine."""
         if resolve_kind(self.engine_kind) == "python":
+            if self.engine_threads > 1:
+                log.info("the Python engine runs one thread: --engine-threads ignored")
             return 1
         if self.engine_threads > 0:
             return self.engine_threads
@@ -279,15 +282,18 @@ class UdpBackend:
     def status(self) -> dict[str, Any]:
         if self.engine is None:
             return {"type": self.name, "device": self.tun_name, "engine": None, "offloads": None}
+        threads = self.engine.thread_stats() if isinstance(self.engine, EngineGroup) else None
+        # with threads: the sums of this one snapshot, so that the document adds up
+        stats = sum_counters(threads) if threads is not None else self.engine.stats()
         out: dict[str, Any] = {
             "type": self.name,
             "device": self.tun_name,
             "port": self.cfg.port,
-            "engine": {"kind": self.engine.kind, **self.engine.stats()},
+            "engine": {"kind": self.engine.kind, **stats},
             "offloads": offload_status(self.engine),
         }
-        if isinstance(self.engine, EngineGroup):  # the same counters, per thread
-            out["engine"]["threads"] = self.engine.thread_stats()
+        if threads is not None:  # the same counters, per thread
+            out["engine"]["threads"] = threads
         return out
 
     def _close_dataplane(self) -> None:

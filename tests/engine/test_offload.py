@@ -684,6 +684,34 @@ def test_gso_runs_per_peer_and_size() -> None:
         b.close()
 
 
+def test_gso_runs_keep_to_one_inner_flow() -> None:
+    """A GSO send carries one inner flow only (same addresses, protocol and ports): the receiving
+    kernel steers a whole GSO bundle to one engine thread by its first datagram, so flows mixed
+    in one send could be split over threads and reordered."""
+    b = Bench(start=False, npeers=1)
+    try:
+
+        def pkt(sport: int, i: int) -> bytes:
+            return bytes(
+                IP(src=local_host(), dst=peer_host(0))
+                / UDP(sport=sport, dport=5000)
+                / Raw(bytes([i]) * 1000)
+            )
+
+        sent = [pkt(4000, 0), pkt(4000, 1), pkt(4002, 2), pkt(4002, 3), pkt(4000, 4)]
+        sent.append(bytes(IP(src=local_host(), dst=peer_host(0, 8)) / UDP(sport=4000, dport=5000)
+                          / Raw(b"\x05" * 1000)))  # fmt: skip
+        for p in sent:
+            b.node.to_tun(ZERO_VNET + p)
+        b.start()
+        assert collect_peer(b, 0, len(sent)) == [dec_ttl(p) for p in sent]
+        c = b.node.wait(udp_tx_packets=len(sent))
+        # runs: [0 1] [2 3] [4] [5]: two GSO sends of two, two plain ones
+        assert (c["gso_sends"], c["gso_segments"]) == (2, 4), nonzero(c)
+    finally:
+        b.close()
+
+
 def test_gso_run_limits() -> None:
     """At most MAX_SEGMENTS packets and 65507 bytes per GSO send; oversize packets (> MTU) are
     sent alone."""
