@@ -61,6 +61,9 @@ __all__ = [
     "takes_partial_csum",
 ]
 
+#: the most engine threads --engine-threads 0 starts (the flag's own limit)
+MAX_AUTO_THREADS = 64
+
 #: BackendData key of a udp lease listing what its host's engine can take
 CAPABILITIES = "Capabilities"
 #: capability: the host completes TCP/UDP checksums that a sender left partial
@@ -218,15 +221,15 @@ class UdpBackend:
         )
 
     def threads(self) -> int:
-        """Engine threads to run: as asked (0 = one per CPU this process may use), but one for
-        the Python engine."""
+        """Engine threads to run: as asked (0 = one per CPU this process may use, at most
+        MAX_AUTO_THREADS), but one for the Python engine."""
         if resolve_kind(self.engine_kind) == "python":
             if self.engine_threads > 1:
                 log.info("the Python engine runs one thread: --engine-threads ignored")
             return 1
         if self.engine_threads > 0:
             return self.engine_threads
-        return max(1, len(os.sched_getaffinity(0)))
+        return max(1, min(MAX_AUTO_THREADS, len(os.sched_getaffinity(0))))
 
     def accepts(self, lease: Lease) -> bool:
         # real flanneld writes no BackendType for udp leases; "udp" is accepted too

@@ -230,3 +230,18 @@ def test_apply_before_start_does_nothing() -> None:
     b = UdpBackend(BackendConfig(type="udp"), NET, EXT, engine="c")
     asyncio.run(b.apply([LeaseAdded(lease("10.5.2.0/24", "10.99.0.12", CAPS))]))
     assert b.engine is None
+
+
+def test_engine_threads_asked_auto_capped_and_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    def backend(engine: str, threads: int) -> UdpBackend:
+        return UdpBackend(
+            BackendConfig(type="udp"), NET, EXT, engine=engine, engine_threads=threads
+        )
+
+    monkeypatch.setattr(udp, "resolve_kind", lambda kind: "python" if kind == "python" else "c")
+    monkeypatch.setattr(udp.os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert backend("c", 3).threads() == 3
+    assert backend("c", 0).threads() == 6  # one per CPU this process may use
+    monkeypatch.setattr(udp.os, "sched_getaffinity", lambda pid: set(range(200)))
+    assert backend("c", 0).threads() == udp.MAX_AUTO_THREADS == 64
+    assert backend("python", 4).threads() == 1
