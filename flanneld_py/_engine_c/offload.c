@@ -19,6 +19,32 @@ static void tx_bad_read(Engine *e, uint32_t n)
     OFF(e, vnet_errors, 1);
 }
 
+/* Append to v one segment of the super-packet whose headers are p[0..hl) (IPv4 header: ihl
+ * bytes): a copy of the headers with the total length, IP id and header checksum of a segment
+ * of len payload bytes at pay (left in place), and the TCP/UDP checksum field (at ihl + cs_off)
+ * = the pseudo-header sum (addrs: addresses + protocol), i.e. left partial. Returns the copy,
+ * for the caller's own fields. */
+static uint8_t *seg_add(txvec *v, const uint8_t *p, uint32_t ihl, uint32_t hl, uint32_t id,
+                        uint64_t addrs, const uint8_t *pay, uint32_t len, uint8_t cs_off)
+{
+    uint8_t *h = v->hdrs + (size_t)v->npk * HDRSLOT;
+    memcpy(h, p, hl);
+    put16(h + 2, hl + len);
+    put16(h + 4, id & 0xffff);
+    put16(h + 10, 0);
+    put16(h + 10, csum(h, ihl));
+    put16(h + ihl + cs_off, csum_fold(csum_add64(addrs, csum_be16(hl - ihl + len))));
+    pkt *k = &v->pk[v->npk++];
+    k->p = h;
+    k->hlen = hl;
+    k->pay = (uint8_t *)pay;
+    k->plen = len;
+    k->partial = 1;
+    k->cs_start = (uint16_t)ihl;
+    k->cs_off = cs_off;
+    return h;
+}
+
 /* Cut the IPv4/TCP super-packet p[0..n) into segments of mss payload bytes, appended to v.
  * Each segment: the headers copied (total length, id + i, header checksum; seq + i * mss; FIN and
  * PSH only on the last, CWR only on the first; the TCP checksum field = the segment's pseudo-
@@ -47,13 +73,7 @@ static int tso_split(Engine *e, txvec *v, uint8_t *p, uint32_t n, uint32_t mss)
     const uint8_t *data = p + hl;
     for (uint32_t i = 0; i < nseg; i++) {
         uint32_t off = i * mss, len = pay - off < mss ? pay - off : mss;
-        uint8_t *h = v->hdrs + (size_t)v->npk * HDRSLOT;
-        memcpy(h, p, hl);
-        put16(h + 2, hl + len);
-        put16(h + 4, (id0 + i) & 0xffff);
-        put16(h + 10, 0);
-        put16(h + 10, csum(h, ihl));
-        uint8_t *t = h + ihl;
+        uint8_t *t = seg_add(v, p, ihl, hl, id0 + i, addrs, data + off, len, 16) + ihl;
         put32(t + 4, seq0 + off);
         uint8_t f = flags;
         if (i + 1 < nseg)
@@ -61,15 +81,6 @@ static int tso_split(Engine *e, txvec *v, uint8_t *p, uint32_t n, uint32_t mss)
         if (i > 0)
             f &= (uint8_t)~TCP_CWR;
         t[13] = f;
-        put16(t + 16, csum_fold(csum_add64(addrs, csum_be16(thl + len))));
-        pkt *k = &v->pk[v->npk++];
-        k->p = h;
-        k->hlen = hl;
-        k->pay = (uint8_t *)data + off;
-        k->plen = len;
-        k->partial = 1;
-        k->cs_start = (uint16_t)ihl;
-        k->cs_off = 16;
     }
     OFF(e, tso_packets, 1);
     OFF(e, tso_segments, nseg);
@@ -95,22 +106,8 @@ static int uso_split(Engine *e, txvec *v, uint8_t *p, uint32_t n, uint32_t gso)
     const uint8_t *data = p + hl;
     for (uint32_t i = 0; i < nseg; i++) {
         uint32_t off = i * gso, len = pay - off < gso ? pay - off : gso;
-        uint8_t *h = v->hdrs + (size_t)v->npk * HDRSLOT;
-        memcpy(h, p, hl);
-        put16(h + 2, hl + len);
-        put16(h + 4, (id0 + i) & 0xffff);
-        put16(h + 10, 0);
-        put16(h + 10, csum(h, ihl));
-        put16(h + ihl + 4, 8 + len);
-        put16(h + ihl + 6, csum_fold(csum_add64(addrs, csum_be16(8 + len))));
-        pkt *k = &v->pk[v->npk++];
-        k->p = h;
-        k->hlen = hl;
-        k->pay = (uint8_t *)data + off;
-        k->plen = len;
-        k->partial = 1;
-        k->cs_start = (uint16_t)ihl;
-        k->cs_off = 6;
+        uint8_t *h = seg_add(v, p, ihl, hl, id0 + i, addrs, data + off, len, 6);
+        put16(h + ihl + 4, 8 + len); /* UDP length */
     }
     OFF(e, uso_packets, 1);
     OFF(e, uso_segments, nseg);
