@@ -19,6 +19,7 @@ import pytest
 from lab.flanneld import ETCD_PREFIX as PREFIX
 from lab.flanneld import FlannelCluster
 from lab.netns import Container, Lab, wait_for
+from lab.transfer import tcp_receiver
 from tests.conftest import require
 
 
@@ -85,18 +86,7 @@ def test_every_container_reaches_every_other(
                 assert a.ping(b.address, count=2, timeout=2), f"{a.address} -> {b.address}"
 
 
-RECEIVER = r"""
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 5201)); s.listen(1); s.settimeout(30)
-print("listening", flush=True)
-c, peer = s.accept(); c.settimeout(30); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b: break
-    h.update(b); n += len(b)
-print(peer[0], n, h.hexdigest(), flush=True)
-"""
+RECEIVER = tcp_receiver(5201, timeout=30)
 
 SENDER = r"""
 import socket, sys

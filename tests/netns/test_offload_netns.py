@@ -23,6 +23,7 @@ import pytest
 from flanneld_py import engine as engine_mod
 from lab.flanneld import FlannelCluster, Flanneld
 from lab.netns import Container, Lab, wait_for
+from lab.transfer import tcp_receiver
 from tests.conftest import require
 
 MiB = 1 << 20
@@ -36,19 +37,7 @@ def blocks(seed, n):
         yield hashlib.shake_256(seed + i.to_bytes(8, "big")).digest(1 << 20)
 """
 
-RECEIVER = r"""
-import hashlib, socket
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", @PORT@)); s.listen(1); s.settimeout(60)
-print("listening", flush=True)
-c, peer = s.accept(); c.settimeout(60); h = hashlib.sha256(); n = 0
-buf = bytearray(1 << 20)
-while True:
-    k = c.recv_into(buf)
-    if not k: break
-    h.update(memoryview(buf)[:k]); n += k
-print(peer[0], n, h.hexdigest(), flush=True)
-""".replace("@PORT@", str(PORT))
+RECEIVER = tcp_receiver(PORT)
 
 SENDER = (
     GEN

@@ -39,6 +39,7 @@ import pytest
 from flanneld_py import engine as engine_mod
 from lab.flanneld import FlannelCluster, Flanneld
 from lab.netns import Container, Lab, LabError, Netns, wait_for
+from lab.transfer import tcp_receiver
 from tests.conftest import require
 
 MiB = 1 << 20
@@ -58,19 +59,7 @@ PAIR_IDS = [f"h{i}-h{j}" for i, j in PAIRS]
 
 # --- TCP: deterministic blocks, SHA-256 on both ends -------------------------------------------
 
-TCP_RECEIVER = r"""
-import hashlib, socket
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", @PORT@)); s.listen(1); s.settimeout(60)
-print("listening", flush=True)
-c, peer = s.accept(); c.settimeout(60); h = hashlib.sha256(); n = 0
-buf = bytearray(1 << 20)
-while True:
-    k = c.recv_into(buf)
-    if not k: break
-    h.update(memoryview(buf)[:k]); n += k
-print(peer[0], n, h.hexdigest(), flush=True)
-""".replace("@PORT@", str(TCP_PORT))
+TCP_RECEIVER = tcp_receiver(TCP_PORT)
 
 # block i = SHAKE-256(seed || i), 1 MiB each; prints the SHA-256 of everything it sent
 TCP_SENDER = r"""
