@@ -7,14 +7,17 @@ startup, readiness, peer wiring and shutdown without root.
 
 Startup order (what systemd and docker rely on):
   lock -> control socket -> external interface -> etcd config -> guard route -> backend chosen by
-  Backend.Type, leftovers of other backends removed -> backend prepared (device; what the lease
-  publishes) -> lease -> backend started for the lease -> peer snapshot applied and reconciled ->
-  firewall -> subnet.env + docker opts -> READY=1 -> renew / watch / apply / reconcile / resync /
-  watchdog.
+  Backend.Type, leftovers of other backends removed -> backend prepared (device, or the previous
+  run's taken over; what the lease publishes) -> lease -> backend started for the lease -> peer
+  snapshot applied -> backend activated (udp: the engine starts) -> reconciled -> firewall ->
+  subnet.env + docker opts -> READY=1 -> renew / watch / apply / reconcile / resync / watchdog.
 Shutdown (SIGTERM/SIGINT): STOPPING=1, cancel the tasks, remove our firewall rules, close the
 backend (udp: the TUN and its routes go; vxlan/host-gw: the kernel's state stays), remove the
 control socket, release the lock. The lease and the guard route are kept: a restart gets the
-same subnet, and meanwhile nothing for the network leaves by the default route.
+same subnet, and meanwhile nothing for the network leaves by the default route. When systemd is
+restarting us (a ``restart`` job is queued), the rules stay too, and the udp backend's TUN and
+sockets live on in systemd's fd store: the next run takes them over (handover.py), so packets
+queue instead of being refused.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from flanneld_py.backend import Backend, BackendError, make_backend, remove_othe
 from flanneld_py.config import NetworkConfig
 from flanneld_py.engine import EngineError
 from flanneld_py.firewall import Firewall, FirewallError, FirewallUnavailable
+from flanneld_py.handover import Handover
 from flanneld_py.healthz import HealthServer
 from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent, LeaseRemoved
 from flanneld_py.metrics import Metrics, etcd_state
@@ -61,7 +65,7 @@ FATAL = (
 
 
 class FirewallLike(Protocol):
-    async def setup(self) -> None: ...
+    async def setup(self) -> bool | None: ...
     async def check_and_repair(self) -> list[str]: ...
     async def teardown(self) -> None: ...
 
@@ -93,7 +97,9 @@ class Platform:
     find_interface: Callable[[Options], Awaitable[ExternalInterface]] = _find_interface
     #: install the guard route for the network; returns the stale guards removed
     ensure_guard: Callable[[IPv4Network], Awaitable[list[IPv4Network]]] = _ensure_guard
-    make_backend: Callable[[NetworkConfig, ExternalInterface, Options], Backend] = make_backend
+    make_backend: Callable[[NetworkConfig, ExternalInterface, Options, Handover], Backend] = (
+        make_backend
+    )
     #: remove what other backend types left behind; one line per removal
     cleanup: Callable[[NetworkConfig, ExternalInterface], Awaitable[list[str]]] = (
         remove_other_backends
@@ -102,10 +108,18 @@ class Platform:
 
 
 class Daemon:
-    def __init__(self, opts: Options, store: LeaseStore, platform: Platform | None = None) -> None:
+    def __init__(
+        self,
+        opts: Options,
+        store: LeaseStore,
+        platform: Platform | None = None,
+        handover: Handover | None = None,
+    ) -> None:
         self.opts = opts
         self.store = store
         self.platform = platform or Platform()
+        #: what a previous run left in systemd's fd store (the udp backend takes it over)
+        self.handover = handover or Handover()
         self.mgr: SubnetManager | None = None
         self.cfg: NetworkConfig | None = None
         self.ext: ExternalInterface | None = None
@@ -193,10 +207,12 @@ class Daemon:
             cfg.network,
             netlink.GUARD_METRIC,
         )
-        backend = self.backend = plat.make_backend(cfg, ext, opts)
+        backend = self.backend = plat.make_backend(cfg, ext, opts, self.handover)
         for line in await plat.cleanup(cfg, ext):
             log.warning("%s", line)
         attrs = await backend.prepare()
+        for name in self.handover.release_unclaimed():
+            log.info("closed descriptors %s of the previous run: this run does not use them", name)
         mgr.set_lease_attrs(attrs.backend_type, attrs.backend_data)
         previous = files.read_previous_subnet(opts.subnet_file)
         lease = await self._acquire(cfg, previous)
@@ -208,6 +224,7 @@ class Daemon:
         try:
             await self._wait_synced(watch)
             await self._wait_applied(applier)
+            await backend.activate()
             # entries of peers that vanished while we were down go now, not at the next tick
             for line in await backend.reconcile(dict(self.accepted)):
                 log.info("%s", line)
@@ -245,7 +262,8 @@ class Daemon:
         assert self.fw is not None
         for attempt in range(1, attempts + 1):
             try:
-                await self.fw.setup()
+                if await self.fw.setup():
+                    log.info("iptables rules of the previous run are in place: kept as they are")
                 return
             except FirewallUnavailable:
                 raise
@@ -354,6 +372,7 @@ class Daemon:
         )
         await self.backend.start(new)
         await self.backend.apply([LeaseAdded(lease) for lease in self.accepted.values()])
+        await self.backend.activate()
         if self.fw is not None:
             with contextlib.suppress(FirewallError):
                 await self.fw.teardown()
@@ -490,14 +509,21 @@ class Daemon:
         for task in self._inner:
             task.cancel()
         await asyncio.gather(*self._inner, return_exceptions=True)
-        if self.fw is not None:
+        # a restart by systemd keeps the data path: the rules stay and the next run takes the
+        # TUN and the sockets over (packets wait meanwhile); a stop removes both
+        restarting = self.ready and await asyncio.to_thread(systemd.restart_pending)
+        if restarting:
+            log.info(
+                "systemd is restarting us: iptables rules and the data path stay for the next run"
+            )
+        elif self.fw is not None:
             try:
                 await self.fw.teardown()
             except FirewallError as e:
                 log.warning("could not remove iptables rules: %s", e)
         if self.backend is not None:
             try:
-                await self.backend.close()
+                await self.backend.close(restarting=restarting)
             except FATAL as e:
                 log.warning("could not close the %s backend: %s", self.backend.name, e)
         if self.health is not None:
@@ -524,10 +550,17 @@ def _describe_backend(cfg: NetworkConfig) -> str:
     return b.type
 
 
-async def run(opts: Options, store: LeaseStore, platform: Platform | None = None) -> int:
+async def run(
+    opts: Options,
+    store: LeaseStore,
+    platform: Platform | None = None,
+    handover: Handover | None = None,
+) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the process exit status.
 
     The CLI builds the store and runs this coroutine on the chosen event loop (uvloop or asyncio).
+    ``handover``: what a previous run left in systemd's fd store (default: read from
+    ``$LISTEN_FDS``).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -540,7 +573,7 @@ async def run(opts: Options, store: LeaseStore, platform: Platform | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    daemon = Daemon(opts, store, platform)
+    daemon = Daemon(opts, store, platform, handover or Handover.from_systemd())
     stopper = asyncio.ensure_future(stop.wait())
     running: list[asyncio.Future[Any]] = []
     status = 0

@@ -145,15 +145,20 @@ class Firewall:
         return lines
 
     # --- public API -----------------------------------------------------------------------
-    async def setup(self) -> None:
-        """Remove stale chains/jumps of an earlier run, then install the rules."""
+    async def setup(self) -> bool:
+        """Install the rules: kept as they are when exactly ours are in place already (a restart
+        that kept them: no moment without them), else stale chains and jumps of an earlier run
+        are removed and the rules installed afresh. Returns True when the rules were kept."""
         async with self._lock:
             await self._probe()
+            if await self._in_place():
+                return True
             await self._remove_all(legacy=True)
             for ch in self._wanted():
                 await self._ipt(ch.table, "-N", ch.name)
                 await self._fill(ch)
                 await self._ipt(ch.table, "-I", ch.parent, "1", *ch.jump())
+            return False
 
     async def check_and_repair(self) -> list[str]:
         """Re-create what is missing or altered; return what was fixed (empty when all is well)."""
@@ -190,6 +195,29 @@ class Firewall:
             await self._remove_all(legacy=False)
 
     # --- helpers --------------------------------------------------------------------------
+    async def _in_place(self) -> bool:
+        """Whether the tables hold exactly our wanted chains, each with its rules and one jump,
+        none of the chains we do not want, and no legacy flanneld rule."""
+        wanted = {ch.name: ch for ch in self._wanted()}
+        for table, chain in (("nat", MASQ_CHAIN), ("filter", FORWARD_CHAIN)):
+            _, listing, _ = await self._ipt(table, "-S")
+            lines = [shlex.split(line) for line in listing.splitlines()]
+            exists = any(t[:2] == ["-N", chain] for t in lines)
+            jumps = [t for t in lines if t[:1] == ["-A"] and t[1:2] != [chain]
+                     and _target(t) == chain]  # fmt: skip
+            if any(t[:1] == ["-A"] and _comment(t) in LEGACY_COMMENTS for t in lines):
+                return False
+            ch = wanted.get(chain)
+            if ch is None:
+                if exists or jumps:
+                    return False
+                continue
+            if not exists or self._chain_rules(listing, chain) != [list(r) for r in ch.rules]:
+                return False
+            if len(jumps) != 1 or jumps[0][1:] != [ch.parent, *ch.jump()]:
+                return False
+        return True
+
     async def _fill(self, ch: _Chain) -> None:
         for rule in ch.rules:
             rc, _, err = await self._ipt(ch.table, "-A", ch.name, *rule, check=False)

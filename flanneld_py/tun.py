@@ -29,6 +29,7 @@ __all__ = [
     "set_offloads",
     "tun_features",
     "tun_flags",
+    "tun_info",
     "vnet_hdr_supported",
 ]
 
@@ -141,11 +142,17 @@ def _setiff_error(name: str, exc: OSError) -> str:
     return f"cannot create TUN device {name}: {exc.strerror}"
 
 
+def tun_info(fd: int) -> tuple[str, int]:
+    """The device name and IFF_* flags of an open TUN fd (TUNGETIFF). Raises OSError (EBADFD
+    for an fd of /dev/net/tun not attached to a device, ENOTTY/EINVAL for another file)."""
+    res = fcntl.ioctl(fd, TUNGETIFF, _IFREQ.pack(b"", 0))
+    raw, flags = _IFREQ.unpack(res)
+    return raw.split(b"\0", 1)[0].decode(errors="replace"), int(flags)
+
+
 def tun_flags(fd: int) -> int:
     """The IFF_* flags of an open TUN fd (TUNGETIFF)."""
-    res = fcntl.ioctl(fd, TUNGETIFF, _IFREQ.pack(b"", 0))
-    flags: int = _IFREQ.unpack(res)[1]
-    return flags
+    return tun_info(fd)[1]
 
 
 def set_offloads(fd: int, flags: int) -> None:

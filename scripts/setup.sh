@@ -13,7 +13,8 @@ VENV=${VENV:-.venv}
 need_pkgs=()
 if [ "$APT" = 1 ]; then
     for pkg in etcd-server etcd-client iproute2 iptables iperf3 tcpdump busybox-static \
-               docker.io ethtool conntrack gcc make openssl; do
+               docker.io ethtool conntrack gcc make openssl iputils-ping \
+               mmdebstrap systemd-container; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_pkgs+=("$pkg")
     done
     # the Python headers for the C engine

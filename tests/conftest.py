@@ -27,6 +27,7 @@ _FOLDER_MARKERS = {
     "etcd": "etcd",
     "netns": "netns",
     "docker": "docker",
+    "systemd": "systemd",
 }
 
 
@@ -41,7 +42,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def missing_requirements(*needs: str) -> str | None:
     """Return why this machine cannot run a test needing ``needs`` (root/etcd/netns/docker)."""
     for need in needs:
-        if need in ("root", "netns", "docker") and os.geteuid() != 0:
+        if need in ("root", "netns", "docker", "nspawn") and os.geteuid() != 0:
             return f"needs root for {need} (run as root, e.g. `sudo make test`)"
         if need == "etcd" and shutil.which("etcd") is None:
             return "needs the etcd binary (apt-get install etcd-server, or `make setup`)"
@@ -53,6 +54,11 @@ def missing_requirements(*needs: str) -> str | None:
                 return "needs /dev/net/tun"
         if need == "docker" and shutil.which("dockerd") is None:
             return "needs dockerd (apt-get install docker.io, or `make setup`)"
+        if need == "nspawn":
+            tools = (("systemd-nspawn", "systemd-container"), ("mmdebstrap", "mmdebstrap"))
+            for tool, pkg in tools:
+                if shutil.which(tool) is None:
+                    return f"needs `{tool}` (apt-get install {pkg}, or `make setup`)"
     return None
 
 
@@ -75,6 +81,8 @@ def _requirements_by_marker(request: pytest.FixtureRequest) -> None:
         require("netns", "etcd")
     if node.get_closest_marker("docker"):
         require("docker", "netns", "etcd")
+    if node.get_closest_marker("systemd"):
+        require("nspawn", "netns", "etcd")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from flanneld_py.backend._base import Backend, BackendError, LeaseAttrs
 from flanneld_py.config import NetworkConfig
+from flanneld_py.handover import Handover
 from flanneld_py.netlink import ExternalInterface
 from flanneld_py.options import Options
 
 __all__ = ["Backend", "BackendError", "LeaseAttrs", "make_backend", "remove_other_backends"]
 
 
-def make_backend(cfg: NetworkConfig, ext: ExternalInterface, opts: Options) -> Backend:
-    """The backend of ``cfg.backend.type`` for this host, talking to the real kernel."""
+def make_backend(
+    cfg: NetworkConfig, ext: ExternalInterface, opts: Options, handover: Handover | None = None
+) -> Backend:
+    """The backend of ``cfg.backend.type`` for this host, talking to the real kernel;
+    ``handover``: what a previous run left in systemd's fd store (the udp backend takes it)."""
     b = cfg.backend
     if b.type == "udp":
         from flanneld_py.backend.udp import UdpBackend
@@ -31,6 +35,7 @@ def make_backend(cfg: NetworkConfig, ext: ExternalInterface, opts: Options) -> B
             engine=opts.engine,
             offload=opts.offload,
             engine_threads=opts.engine_threads,
+            handover=handover,
         )
     from flanneld_py.backend._netops import RealNetOps
 

@@ -9,8 +9,9 @@ via the peer's PublicIP). The daemon drives every backend through the same calls
     ... the daemon acquires the lease with attrs.backend_type / attrs.backend_data ...
     await backend.start(lease)             # configure for our subnet (address, engine, ...)
     await backend.apply(events)            # peer leases added/changed/removed, in order
+    await backend.activate()               # the known peers are applied: start moving packets
     await backend.reconcile(peers)         # every ``reconcile_interval`` s: put back what vanished
-    await backend.close()                  # clean stop; what stays after exit is the backend's call
+    await backend.close(restarting=...)    # clean stop; what stays after exit is the backend's call
 
 ``accepts(lease)`` filters peers: a lease of another backend type is not programmed (the daemon
 warns once per lease). ``mtu`` is what subnet.env and docker get. ``alive()`` is for liveness
@@ -80,6 +81,11 @@ class Backend(Protocol):
         entries, drop stale ones. Returns one line per repair made, for the log."""
         ...
 
+    async def activate(self) -> None:
+        """The peers known at start (or after a new lease) are applied: start moving packets.
+        (udp: the engine starts only now, so that what queued in a taken-over TUN is routed.)"""
+        ...
+
     def alive(self) -> str | None:
         """None if the data path is up, else one line saying what is down."""
         ...
@@ -88,6 +94,7 @@ class Backend(Protocol):
         """Backend state for ``/status`` (device, peers programmed, problems, counters)."""
         ...
 
-    async def close(self) -> None:
-        """Clean stop (idempotent)."""
+    async def close(self, *, restarting: bool = False) -> None:
+        """Clean stop (idempotent). ``restarting``: systemd starts us again right away (keep
+        what the next run takes over)."""
         ...

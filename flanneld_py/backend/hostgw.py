@@ -126,8 +126,12 @@ class HostGwBackend:
             "problems": [self._problems[sn] for sn in sorted(self._problems)],
         }
 
-    async def close(self) -> None:
+    async def activate(self) -> None:
+        """Nothing to start: the kernel moves the packets."""
+
+    async def close(self, *, restarting: bool = False) -> None:
         # routes stay: the kernel keeps forwarding while we are down
+        # (for a stop and a restart alike)
         self._closed = True
 
     # --- per peer ---------------------------------------------------------------------------

@@ -41,20 +41,29 @@ from flanneld_py.engine import (
     sum_counters,
     wants_vnet_hdr,
 )
+from flanneld_py.handover import Handover
 from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent
 from flanneld_py.netlink import ExternalInterface
 from flanneld_py.reuseport import attach_inner_flow_steering
 from flanneld_py.tun import (
     ENGINE_OFFLOADS,
+    IFF_MULTI_QUEUE,
+    IFF_NO_PI,
+    IFF_TUN,
+    IFF_VNET_HDR,
+    TunError,
     link_is_up,
     open_tun,
     probe_offloads,
+    tun_info,
     vnet_hdr_supported,
 )
 
 __all__ = [
     "CAPABILITIES",
     "ENCAP_OVERHEAD",
+    "FD_SOCK",
+    "FD_TUN",
     "PARTIAL_CSUM",
     "UdpBackend",
     "bind_udp",
@@ -63,6 +72,12 @@ __all__ = [
 
 #: the most engine threads --engine-threads 0 starts (the flag's own limit)
 MAX_AUTO_THREADS = 64
+
+#: systemd fd-store names of the TUN queues and of the UDP sockets (handover.py)
+FD_TUN = "udp-tun"
+FD_SOCK = "udp-sock"
+#: the TUN flags that must match for a takeover
+TUN_FLAG_MASK = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
 
 #: BackendData key of a udp lease listing what its host's engine can take
 CAPABILITIES = "Capabilities"
@@ -128,6 +143,7 @@ class UdpBackend:
         engine: str = "auto",
         offload: str = "auto",
         engine_threads: int = 1,
+        handover: Handover | None = None,
     ) -> None:
         self.cfg = cfg
         self.network = network
@@ -144,15 +160,25 @@ class UdpBackend:
         self.engine: Engine | None = None
         #: offloads whose runtime shutdown has been logged already
         self._offload_warned: set[str] = set()
+        #: descriptors of the previous run (systemd's fd store), and where ours are kept
+        self.handover = handover or Handover()
+        #: whether this run took over the previous run's TUN and sockets
+        self.taken_over = False
+        #: whether we just closed the previous run's descriptors (systemd closes its copies)
+        self._released = False
+        self._engine_started = False
 
     @property
     def mtu(self) -> int:
         return self.ext.mtu - ENCAP_OVERHEAD
 
     async def prepare(self) -> LeaseAttrs:
-        # fail now, not after a lease is taken, when we may not create the TUN device
-        fd, _ = open_tun(self.tun_name)
-        os.close(fd)
+        # the descriptors a previous run left in systemd's fd store, if they fit; else fail now,
+        # not after a lease is taken, when we may not create the TUN device
+        self._take_over()
+        if not self.tun_fds:
+            fd, _ = await self._open_tun(self.tun_name)
+            os.close(fd)
         if self._vnet_hdr():  # our engine will complete partial checksums: tell the peers
             return LeaseAttrs(backend_data={CAPABILITIES: [PARTIAL_CSUM]})
         return LeaseAttrs()
@@ -161,27 +187,134 @@ class UdpBackend:
         """Whether our TUN carries a virtio header (C engine, offload auto, kernel support)."""
         return wants_vnet_hdr(self.engine_kind, self.offload) and vnet_hdr_supported()
 
+    def _tun_flags(self, n: int) -> int:
+        flags = IFF_TUN | IFF_NO_PI
+        if self._vnet_hdr():
+            flags |= IFF_VNET_HDR
+        if n > 1:
+            flags |= IFF_MULTI_QUEUE
+        return flags
+
+    def _take_over(self) -> None:
+        """Adopt the TUN queues and UDP sockets of the previous run (systemd's fd store) when
+        they are exactly what this run would create; otherwise close them (the old device goes
+        with the last copy)."""
+        tun_fds = self.handover.take(FD_TUN)
+        sock_fds = self.handover.take(FD_SOCK)
+        if not tun_fds and not sock_fds:
+            return
+        socks: list[socket.socket] = []
+        for fd in sock_fds:
+            try:
+                socks.append(socket.socket(fileno=fd))
+            except OSError:
+                os.close(fd)
+        why = self._unfit(tun_fds, socks)
+        if why is None:
+            for fd in tun_fds:
+                os.set_blocking(fd, False)
+            for sock in socks:
+                sock.setblocking(False)
+            self.tun_fds, self.socks = tun_fds, socks
+            self.taken_over = True
+            log.info(
+                "took over %s (%d queues) and %d UDP sockets from the previous run: packets "
+                "queued meanwhile are delivered now",
+                self.tun_name,
+                len(tun_fds),
+                len(socks),
+            )
+            return
+        log.info("not taking over the previous run's TUN and sockets (%s): creating new ones", why)
+        for fd in tun_fds:
+            os.close(fd)
+        for sock in socks:
+            sock.close()
+        self.handover.forget(FD_TUN)
+        self.handover.forget(FD_SOCK)
+        self._released = True
+
+    def _unfit(self, tun_fds: list[int], socks: list[socket.socket]) -> str | None:
+        """Why the inherited descriptors do not fit this run (None: they do)."""
+        n = self.threads()
+        if len(tun_fds) != n or len(socks) != n:
+            return f"{len(tun_fds)} TUN queues and {len(socks)} sockets, this run needs {n} of each"
+        want = self._tun_flags(n)
+        for fd in tun_fds:
+            try:
+                name, flags = tun_info(fd)
+            except OSError as e:
+                return f"not a TUN descriptor: {e.strerror}"
+            if name != self.tun_name:
+                return f"the device is {name}, this run uses {self.tun_name}"
+            if flags & TUN_FLAG_MASK != want:
+                return "the device was opened with other flags (offloads or engine threads changed)"
+        for sock in socks:
+            try:
+                addr = sock.getsockname()
+                reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+            except OSError as e:
+                return f"not a socket: {e.strerror}"
+            if sock.family != socket.AF_INET or sock.type != socket.SOCK_DGRAM:
+                return "not a UDP socket"
+            if addr != (str(self.ext.address), self.cfg.port):
+                return f"socket bound to {addr[0]}:{addr[1]}, this run uses " + (
+                    f"{self.ext.address}:{self.cfg.port}"
+                )
+            if bool(reuse) != (n > 1):
+                return "socket opened for another number of engine threads"
+        return None
+
+    async def _open_tun(self, name: str, **kw: bool) -> tuple[int, str]:
+        """open_tun; right after we released the previous run's copies, systemd may take a
+        moment to close its own: retry while the device is still held."""
+        deadline = asyncio.get_running_loop().time() + (2.0 if self._released else 0.0)
+        while True:
+            try:
+                return open_tun(name, **kw)
+            except TunError:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    async def _open_dataplane(self) -> None:
+        """The TUN queues and UDP sockets (once: a new lease keeps them), handed to systemd's
+        fd store so that a restart can take them over."""
+        if self.tun_fds:
+            return
+        vnet = self._vnet_hdr()
+        n = self.threads()
+        try:
+            fd, name = await self._open_tun(self.tun_name, vnet_hdr=vnet, multi_queue=n > 1)
+            self.tun_fds.append(fd)
+            while len(self.tun_fds) < n:  # the other queues of the same device
+                self.tun_fds.append(open_tun(name, vnet_hdr=vnet, multi_queue=True)[0])
+            self.socks = [bind_udp(self.ext.address, self.cfg.port, reuseport=n > 1)]
+            while len(self.socks) < n:
+                self.socks.append(bind_udp(self.ext.address, self.cfg.port, reuseport=True))
+        except BaseException:
+            self._close_fds()
+            raise
+        self.handover.keep(FD_TUN, self.tun_fds)
+        self.handover.keep(FD_SOCK, [s.fileno() for s in self.socks])
+
     async def start(self, lease: Lease) -> None:
-        if self.engine is not None:  # our subnet changed: a new data plane for the new lease
-            self._close_dataplane()
+        if self.engine is not None:  # our subnet changed: a new engine for the new lease
+            self.engine.stop()
+            self.engine = None
+        self._engine_started = False
         self.lease = lease
         subnet = lease.subnet
         # offloads: only the C engine reads/writes the TUN with a virtio header (TSO super-packets
         # in, coalesced GSO packets out); without kernel support the TUN is a plain one
         vnet = self._vnet_hdr()
         n = self.threads()
+        await self._open_dataplane()
         try:
-            fd, name = open_tun(self.tun_name, vnet_hdr=vnet, multi_queue=n > 1)
-            self.tun_fds.append(fd)
-            while len(self.tun_fds) < n:  # the other queues of the same device
-                self.tun_fds.append(open_tun(name, vnet_hdr=vnet, multi_queue=True)[0])
-            tun_offloads = probe_offloads(fd, ENGINE_OFFLOADS) if vnet else frozenset()
+            tun_offloads = probe_offloads(self.tun_fds[0], ENGINE_OFFLOADS) if vnet else frozenset()
             await asyncio.to_thread(
-                netlink.configure_tun, name, subnet.network_address, self.network, self.mtu
+                netlink.configure_tun, self.tun_name, subnet.network_address, self.network, self.mtu
             )
-            self.socks = [bind_udp(self.ext.address, self.cfg.port, reuseport=n > 1)]
-            while len(self.socks) < n:
-                self.socks.append(bind_udp(self.ext.address, self.cfg.port, reuseport=True))
             if n > 1:
                 attach_inner_flow_steering(self.socks[0], n)
             engines = [
@@ -201,15 +334,14 @@ class UdpBackend:
                 )
                 for tfd, sock in zip(self.tun_fds, self.socks, strict=True)
             ]
-            # n > 1 only for the C engine (threads())
-            self.engine = engines[0] if n == 1 else EngineGroup(cast(list[CEngine], engines))
-            self.engine.start()
         except BaseException:
-            self._close_dataplane()
+            self._close_fds()
             raise
+        # n > 1 only for the C engine (threads())
+        self.engine = engines[0] if n == 1 else EngineGroup(cast(list[CEngine], engines))
         log.info(
             "data plane up: %s %s/32 mtu %d, route %s, UDP %s:%d, %s engine%s, offloads: %s",
-            name,
+            self.tun_name,
             subnet.network_address,
             self.mtu,
             self.network,
@@ -219,6 +351,13 @@ class UdpBackend:
             f" x {n} threads" if n > 1 else "",
             ", ".join(offload_status(self.engine)["active"]) or "none",
         )
+
+    async def activate(self) -> None:
+        """Start moving packets, now that the known peers' routes are in the engine (what the
+        TUN and the sockets queued meanwhile finds its way instead of "no route")."""
+        if self.engine is not None and not self._engine_started:
+            self.engine.start()
+            self._engine_started = True
 
     def threads(self) -> int:
         """Engine threads to run: as asked (0 = one per CPU this process may use, at most
@@ -299,22 +438,27 @@ class UdpBackend:
             out["engine"]["threads"] = threads
         return out
 
-    def _close_dataplane(self) -> None:
+    def _close_fds(self) -> None:
         if self.engine is not None:
             self.engine.stop()
             self.engine = None
         for sock in self.socks:
             sock.close()
         self.socks = []
-        for fd in self.tun_fds:  # the last one closed: the kernel removes flannel0 and its routes
+        for fd in self.tun_fds:  # the last copy closed: the kernel removes flannel0 and its routes
             os.close(fd)
         self.tun_fds = []
 
-    async def close(self) -> None:
+    async def close(self, *, restarting: bool = False) -> None:
+        """Stop the engine and close our descriptors. ``restarting``: systemd is restarting
+        us, so its copies stay (flannel0 lives on for the next run); otherwise they go too."""
         engine = self.engine
         stats = engine.stats() if engine else {}
         offl = offload_status(engine)["counters"] if engine else {}
-        self._close_dataplane()
+        self._close_fds()
+        if not restarting:
+            self.handover.forget(FD_TUN)
+            self.handover.forget(FD_SOCK)
         if stats:
             log.info(
                 "engine counters at exit: %s", " ".join(f"{k}={v}" for k, v in stats.items() if v)

@@ -345,8 +345,12 @@ class VxlanBackend:
             "problems": problems,
         }
 
-    async def close(self) -> None:
+    async def activate(self) -> None:
+        """Nothing to start: the kernel moves the packets."""
+
+    async def close(self, *, restarting: bool = False) -> None:
         # the device and every entry stay: the kernel path keeps working while we are down
+        # (for a stop and a restart alike)
         self._closed = True
 
     # --- per peer ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from flanneld_py import hostlock
 from flanneld_py.backend import LeaseAttrs
 from flanneld_py.config import NetworkConfig
 from flanneld_py.daemon import Daemon, Platform, run
+from flanneld_py.handover import Handover
 from flanneld_py.lease import Lease, LeaseAdded, LeaseEvent, LeaseRemoved, encode_lease_value
 from flanneld_py.netlink import ExternalInterface
 from flanneld_py.options import Options
@@ -79,6 +80,9 @@ class FakeBackend:
                 self.rec(f"backend.remove {ev.subnet}")
                 self.programmed.pop(ev.subnet, None)
 
+    async def activate(self) -> None:
+        self.rec("backend.activate")
+
     async def reconcile(self, peers: Mapping[IPv4Network, Lease]) -> list[str]:
         if "backend.reconcile" not in self.rec.calls:
             self.rec("backend.reconcile")
@@ -91,8 +95,8 @@ class FakeBackend:
     def status(self) -> dict[str, Any]:
         return {"type": self.name, "programmed": sorted(map(str, self.programmed))}
 
-    async def close(self) -> None:
-        self.rec("backend.close")
+    async def close(self, *, restarting: bool = False) -> None:
+        self.rec("backend.close" + (" restarting" if restarting else ""))
 
 
 class FakeFirewall:
@@ -128,7 +132,9 @@ def platform(rec: Recorder, backend: FakeBackend) -> Platform:
         rec(f"guard {network}")
         return []
 
-    def make_backend(cfg: NetworkConfig, ext: ExternalInterface, opts: Options) -> FakeBackend:
+    def make_backend(
+        cfg: NetworkConfig, ext: ExternalInterface, opts: Options, handover: Handover
+    ) -> FakeBackend:
         rec(f"make_backend {cfg.backend.type}")
         return backend
 
@@ -235,6 +241,7 @@ def test_startup_order_and_ready_after_files(
         "backend.prepare",
         f"backend.start {sn}",
         "backend.add 10.5.7.0/24",
+        "backend.activate",
         "backend.reconcile",
         f"firewall.setup {sn}",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -176,14 +177,20 @@ def test_service_unit_has_the_required_settings() -> None:
     assert one.get("PrivateDevices", "no") == "no"  # would hide /dev/net/tun
     assert one.get("ProtectSystem") in ("full", "yes")  # "strict" would make /run read-only
     assert "RuntimeDirectory" not in one  # systemd would delete /run/flannel on every stop
-    assert "docker.service" in " ".join(values(unit, "Install", "RequiredBy")).split()
+    # docker wants us, it does not require us: restarting or stopping us leaves docker alone
+    assert "docker.service" in " ".join(values(unit, "Install", "WantedBy")).split()
+    assert not values(unit, "Install", "RequiredBy")
+    # the TUN and the sockets survive a restart in systemd's fd store
+    assert int(one["FileDescriptorStoreMax"]) >= 2 * 64
 
 
 def test_docker_dropin_has_the_required_settings() -> None:
     unit = parse_unit(DROPIN)
     assert values(unit, "Unit", "After") == ["flanneld-py.service"]
-    assert values(unit, "Unit", "Requires") == ["flanneld-py.service"]
-    assert values(unit, "Service", "EnvironmentFile") == ["-/run/flannel/docker"]
+    assert values(unit, "Unit", "Wants") == ["flanneld-py.service"]
+    assert not values(unit, "Unit", "Requires") and not values(unit, "Unit", "BindsTo")
+    # required: without our lease since boot, docker must not start outside it
+    assert values(unit, "Service", "EnvironmentFile") == ["/run/flannel/docker"]
     starts = values(unit, "Service", "ExecStart")
     assert len(starts) == 2 and starts[0] == ""  # reset, then replace
     cmd = starts[1].split()
@@ -223,3 +230,120 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
             if "flanneld-py" in line or "docker.service" in line or str(tmp_path) in line
         ]
         assert res.returncode == 0 and not ours, f"{name}: {res.stdout}{res.stderr}"
+
+
+# --- the file-descriptor store ---------------------------------------------------------------
+
+
+def test_fdstore_passes_the_descriptors(notify_socket: socket.socket, tmp_path: Path) -> None:
+    files = [tmp_path / "a", tmp_path / "b"]
+    fds = []
+    for f in files:
+        f.write_text(f.name)
+        fds.append(os.open(f, os.O_RDONLY))
+    try:
+        assert systemd.fdstore(fds, "udp-tun") is True
+        msg, fdlist, _, _ = socket.recv_fds(notify_socket, 4096, 8)
+        try:
+            assert msg == b"FDSTORE=1\nFDNAME=udp-tun"
+            assert len(fdlist) == 2
+            for got, sent in zip(fdlist, fds, strict=True):
+                assert got != sent and os.path.samestat(os.fstat(got), os.fstat(sent))
+        finally:
+            for fd in fdlist:
+                os.close(fd)
+        assert systemd.fdstore_remove("udp-tun") is True
+        assert notify_socket.recv(4096) == b"FDSTOREREMOVE=1\nFDNAME=udp-tun"
+        # nothing to store, or a name systemd would refuse: nothing is sent
+        assert systemd.fdstore([], "udp-tun") is False
+        assert systemd.fdstore(fds, "bad:name") is False
+        assert systemd.fdstore_remove("") is False
+        notify_socket.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            notify_socket.recv(4096)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_listen_fds_in_a_child_that_systemd_would_start(tmp_path: Path) -> None:
+    """fds 3 and 4 named a and b, LISTEN_PID = the child's own PID (sh execs python)."""
+    (tmp_path / "one").write_text("1")
+    (tmp_path / "two").write_text("2")
+    code = (
+        "import fcntl, json, os; from flanneld_py import systemd; "
+        "got = systemd.listen_fds(); "
+        "print(json.dumps({'fds': got, "
+        "'cloexec': [bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC) "
+        "for v in got.values() for fd in v], "
+        "'content': [os.pread(fd, 1, 0).decode() for v in got.values() for fd in v], "
+        "'env': [k for k in os.environ if k.startswith('LISTEN_')]}))"
+    )
+    script = (
+        f'LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=a:b exec "$0" -c "$1" '
+        f'3<"{tmp_path}/one" 4<"{tmp_path}/two"'
+    )
+    res = subprocess.run(
+        ["sh", "-c", script, sys.executable, code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=True,
+    )
+    out = json.loads(res.stdout)
+    assert out == {"fds": {"a": [3], "b": [4]}, "cloexec": [True, True],
+                   "content": ["1", "2"], "env": []}  # fmt: skip
+    # the variables were meant for another process: nothing, but they are removed
+    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}
+    assert systemd.listen_fds(env) == {} and env == {}
+    assert systemd.listen_fds({"LISTEN_PID": "x", "LISTEN_FDS": "1"}) == {}
+
+
+def test_own_unit_from_proc_self_cgroup() -> None:
+    v1 = (
+        "12:devices:/system.slice/flanneld-py.service\n"
+        "1:name=systemd:/system.slice/flanneld-py.service\n"
+        "0::/system.slice/flanneld-py.service\n"
+    )
+    assert systemd.own_unit(v1) == "flanneld-py.service"
+    assert systemd.own_unit("0::/system.slice/other.service\n") == "other.service"
+    assert systemd.own_unit("0::/user.slice/user-0.slice/session-3.scope\n") is None
+    assert systemd.own_unit("") is None
+
+
+@pytest.mark.parametrize(
+    ("output", "rc", "expected"),
+    [
+        ("123 flanneld-py.service restart running\n", 0, True),
+        ("124 flanneld-py.service stop running\n", 0, False),
+        ("125 docker.service restart waiting\n", 0, False),
+        ("", 0, False),
+        ("123 flanneld-py.service restart running\n", 1, True),
+        ("garbage", 1, False),
+    ],
+)
+def test_restart_pending_reads_the_job_of_our_unit(
+    notify_socket: socket.socket,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    output: str,
+    rc: int,
+    expected: bool,
+) -> None:
+    """A stand-in `systemctl` first on PATH (the real one is exercised in tests/systemd)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "out").write_text(output)
+    stub = bindir / "systemctl"
+    stub.write_text(f'#!/bin/sh\necho "$@" > {bindir}/args\ncat {bindir}/out\nexit {rc}\n')
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    assert systemd.restart_pending("flanneld-py.service") is expected
+    args = (bindir / "args").read_text().split()
+    assert args[:2] == ["list-jobs", "--no-legend"] and args[-1] == "flanneld-py.service"
+
+
+def test_restart_pending_outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert systemd.restart_pending("flanneld-py.service") is False
