@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -104,6 +105,9 @@ def booted() -> Iterator[Booted]:
         cl = FlannelCluster(lab, n_hosts=2, config=None)  # the config comes during the boot
         cl.start_etcd()
         h1 = cl.topo.hosts[0]
+        # the repository is bound read-only: compile it now, not at every start inside
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "flanneld_py")],
+                       check=True, timeout=120)  # fmt: skip
         tarball = image_tarball()
         host = SystemdHost(lab, h1, build_rootfs(), binds=[*python_binds(), Bind(tarball.parent)])
         _write_units(host, cl.etcd.endpoint)
@@ -129,10 +133,13 @@ def _dockerd_args(b: Booted) -> list[str]:
 def test_docker_starts_only_after_flanneld_py_is_ready(booted: Booted) -> None:
     b, host = booted, booted.host
     # no config in etcd: we wait for it, and docker (it wants us, After=) waits for us
-    wait_for(lambda: b.active(SERVICE) == "activating", timeout=60, what="flanneld-py activating")
-    time.sleep(2)
+    wait_for(
+        lambda: "waiting for the network config" in host.show(SERVICE, "StatusText"),
+        timeout=60,
+        what="flanneld-py waiting for the config",
+    )
+    time.sleep(1)
     assert b.active(SERVICE) == "activating"
-    assert "waiting for the network config" in host.show(SERVICE, "StatusText")
     assert b.active("docker.service") == "inactive"
     assert host.run(["test", "-e", "/run/flannel/docker"], check=False).returncode != 0
 
@@ -233,6 +240,7 @@ def test_restart_keeps_docker_and_loses_at_most_one_reply(booted: Booted) -> Non
 def test_watchdog_restarts_a_hung_daemon(booted: Booted) -> None:
     b, host = booted, booted.host
     pid = b.main_pid(SERVICE)
+    assert pid > 0, host.journal(SERVICE, lines=30)
     host.run(["kill", "-STOP", str(pid)])
     wait_for(
         lambda: b.main_pid(SERVICE) not in (0, pid) and b.active(SERVICE) == "active",
