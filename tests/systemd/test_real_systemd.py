@@ -86,7 +86,9 @@ def _write_units(host: SystemdHost, etcd_endpoint: str) -> None:
         "[Service]\n"
         "ExecStart=\n"
         f"ExecStart={ROOT}/.venv/bin/flanneld-py $FLANNEL_OPTIONS\n"
-        f"WatchdogSec={WATCHDOG_S}\n"
+        # PrivateTmp= hides a checkout under /tmp from the service: bind it back in
+        + (f"BindReadOnlyPaths={ROOT}\n" if ROOT.is_relative_to("/tmp") else "")
+        + f"WatchdogSec={WATCHDOG_S}\n"
         "RestartSec=1\n",
     )
     host.write_file(
