@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import sys
 import textwrap
 from collections import Counter
@@ -87,9 +88,12 @@ def pair() -> Iterator[tuple[Lab, Netns, Netns]]:
         yield lab, rx, tx
 
 
-def datagrams(rng: random.Random, flows: int, per_flow: int, short: int) -> list[bytes]:
+def datagrams(
+    rng: random.Random, flows: int, per_flow: int, short: int, extra: int = 0
+) -> list[bytes]:
     """``per_flow`` packets of each of ``flows`` random flows (each packet unique: its payload
-    carries a sequence number) and ``short`` 10-byte datagrams, shuffled."""
+    carries a sequence number), ``extra`` triples of an ICMP echo request, a fragment and a
+    packet with IP options, and ``short`` 10-byte datagrams, shuffled."""
     out: list[bytes] = []
     seq = 0
     for _ in range(flows):
@@ -98,6 +102,15 @@ def datagrams(rng: random.Random, flows: int, per_flow: int, short: int) -> list
             payload = seq.to_bytes(4, "big") + rng.randbytes(rng.randrange(0, 200))
             out.append(inner(src, dst, sport, dport, proto=proto, payload=payload, ident=seq))
             seq += 1
+    for _ in range(extra):  # an echo request, a fragment, a packet with IP options
+        src, dst, sport, dport, proto = random_flow(rng)
+        payload = seq.to_bytes(4, "big") + rng.randbytes(rng.randrange(0, 200))
+        out.append(inner(src, dst, sport, seq, proto=socket.IPPROTO_ICMP, payload=payload))
+        frag = rng.choice((0x2000, rng.randrange(1, 0x2000)))
+        out.append(inner(src, dst, sport, dport, proto=proto, payload=payload, frag=frag))
+        opts = bytes([1]) * (4 * rng.randrange(1, 11))
+        out.append(inner(src, dst, sport, dport, proto=proto, payload=payload, options=opts))
+        seq += 1
     for _ in range(short):
         out.append(b"short" + seq.to_bytes(5, "big"))
         seq += 1
@@ -110,8 +123,8 @@ def test_the_kernel_steers_every_datagram_where_the_model_says(
 ) -> None:
     lab, rx, tx = pair
     rng = random.Random(8285)
-    sent = datagrams(rng, flows=140, per_flow=2, short=20)
-    assert len(sent) == 300 and len(set(sent)) == 300
+    sent = datagrams(rng, flows=140, per_flow=2, short=20, extra=30)
+    assert len(sent) == 390 and len(set(sent)) == 390
     expect = {d: index_for(N, d) for d in sent}
     assert set(expect.values()) == set(range(N))  # the model spreads them (else: weak test)
 
