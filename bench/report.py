@@ -131,6 +131,28 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _wakeup_lines(m: dict[str, Any]) -> list[str]:
+    """The machine's wake-up costs (bench/wakeup.py), at start and end, as one sentence."""
+    parts = []
+    for when in ("start", "end"):
+        w = m.get(f"wakeup_{when}")
+        if not w:
+            continue
+        if "error" in w:
+            parts.append(f"at {when}: {w['error']}")
+            continue
+        cross = w.get("cross_cpu_us")
+        cross_text = "—" if cross is None else f"{cross:g} µs"
+        parts.append(f"at {when} {w['same_cpu_us']:g} µs on one CPU, {cross_text} across CPUs")
+    if not parts:
+        return []
+    return [
+        "Waking a process (bench/wakeup.py: pipe ping-pong after 2 ms idle, two wake-ups per "
+        "round trip, median): " + "; ".join(parts) + ". Each hop through a userspace "
+        "forwarder adds a wake-up that the kernel's own paths do not have."
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     args = results["args"]
     m = results["machine"]
@@ -146,6 +168,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Kernel {m['kernel']}, {m['cpus']} CPUs ({m['cpu_model']}), {m['iperf3']}, "
         f"git {m['git_commit']}. Load average at start {m['loadavg_start']}, "
         f"at end {m.get('loadavg_end', '?')}.",
+        *_wakeup_lines(m),
         "",
         f"Figures are min / median / max over the repeats. **{ref_title}** = this path's median "
         f"÷ the kernel VXLAN median of the same test in this run (for ping: RTT ratio, lower is "

@@ -31,6 +31,7 @@ from typing import Any
 from bench import report
 from bench.measure import TESTS, iperf3_version, ping_series, run_iperf3
 from bench.paths import PATHS, REFERENCE, BenchPath, build
+from bench.wakeup import wakeup_round_trips
 from lab.netns import lab_namespaces
 
 __all__ = ["main", "parse_args"]
@@ -174,6 +175,7 @@ def _machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "git_commit": commit,
         "loadavg_start": _loadavg(),
+        "wakeup_start": wakeup_round_trips(),
     }
 
 
@@ -405,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["ok"] = entry.get("error") is None
     results["finished"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     results["machine"]["loadavg_end"] = _loadavg()
+    results["machine"]["wakeup_end"] = wakeup_round_trips()
     results["summary"] = report.summarize(results)
     if not args.no_chart:
         err = report.write_chart(results, out / "results.png")

@@ -39,6 +39,10 @@ def test_bench_underlay_and_vxlan_smoke(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["args"]["paths"] == ["underlay", "vxlan"]
     assert results["machine"]["kernel"] and results["machine"]["iperf3"]
+    for when in ("start", "end"):  # the wake-up probe ran, and its figures are in the header
+        w = results["machine"][f"wakeup_{when}"]
+        assert w["same_cpu_us"] > 0 and w["rounds"] == 300, w
+        assert (w["cross_cpu_us"] is None) == (len(os.sched_getaffinity(0)) == 1), w
     runs = results["runs"]
     assert {(r["path"], r["test"]) for r in runs} == {("underlay", "tcp1"), ("vxlan", "tcp1")}
     assert all(r["ok"] and r["gbps"] > 0 for r in runs), runs
@@ -54,6 +58,8 @@ def test_bench_underlay_and_vxlan_smoke(tmp_path: Path) -> None:
         assert lab_namespaces(prefix + "-") == []
 
     md = (out / "results.md").read_text()
+    w = results["machine"]["wakeup_start"]
+    assert f"at start {w['same_cpu_us']:g} µs on one CPU" in md
     assert md.strip() in proc.stdout  # the tables are printed at the end
     header = next(line for line in md.splitlines() if line.startswith("| path |"))
     assert "\u00d7 VXLAN" in header
