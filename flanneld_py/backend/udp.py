@@ -121,7 +121,9 @@ def bind_udp(address: IPv4Address, port: int, *, reuseport: bool = False) -> soc
             if e.errno == errno.EADDRINUSE
             else "check --iface/--public-ip"
         )
-        raise OSError(f"cannot bind UDP {address}:{port}: {e.strerror}; {hint}") from None
+        err = OSError(f"cannot bind UDP {address}:{port}: {e.strerror}; {hint}")
+        err.errno = e.errno  # for a caller that retries on EADDRINUSE; the message stays one line
+        raise err from None
     sock.setblocking(False)
     return sock
 
@@ -277,6 +279,18 @@ class UdpBackend:
                     raise
                 await asyncio.sleep(0.05)
 
+    async def _bind_udp(self, *, reuseport: bool) -> socket.socket:
+        """bind_udp; like _open_tun, retry while systemd may still hold the previous run's
+        socket (right after we released it), as long as the address is in use."""
+        deadline = asyncio.get_running_loop().time() + (2.0 if self._released else 0.0)
+        while True:
+            try:
+                return bind_udp(self.ext.address, self.cfg.port, reuseport=reuseport)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
     async def _open_dataplane(self) -> None:
         """The TUN queues and UDP sockets (once: a new lease keeps them), handed to systemd's
         fd store so that a restart can take them over."""
@@ -289,9 +303,9 @@ class UdpBackend:
             self.tun_fds.append(fd)
             while len(self.tun_fds) < n:  # the other queues of the same device
                 self.tun_fds.append(open_tun(name, vnet_hdr=vnet, multi_queue=True)[0])
-            self.socks = [bind_udp(self.ext.address, self.cfg.port, reuseport=n > 1)]
+            self.socks = [await self._bind_udp(reuseport=n > 1)]
             while len(self.socks) < n:
-                self.socks.append(bind_udp(self.ext.address, self.cfg.port, reuseport=True))
+                self.socks.append(await self._bind_udp(reuseport=True))
         except BaseException:
             self._close_fds()
             raise
