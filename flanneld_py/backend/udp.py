@@ -23,9 +23,9 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from flanneld_py import netlink
 from flanneld_py.backend._base import BackendError, LeaseAttrs
@@ -92,6 +92,7 @@ def takes_partial_csum(lease: Lease) -> bool:
 
 
 log = logging.getLogger("flanneld_py.backend.udp")
+_T = TypeVar("_T")
 
 #: outer IPv4 header + UDP header
 ENCAP_OVERHEAD = 28
@@ -267,29 +268,31 @@ class UdpBackend:
                 return "socket opened for another number of engine threads"
         return None
 
-    async def _open_tun(self, name: str, **kw: bool) -> tuple[int, str]:
-        """open_tun; right after we released the previous run's copies, systemd may take a
-        moment to close its own: retry while the device is still held."""
+    async def _while_released(
+        self, make: Callable[[], _T], held: Callable[[Exception], bool]
+    ) -> _T:
+        """make(); right after we released the previous run's copies, systemd may take a
+        moment to close its own: retry for up to 2 s while the error says they still hold what
+        we need (the device, the address)."""
         deadline = asyncio.get_running_loop().time() + (2.0 if self._released else 0.0)
         while True:
             try:
-                return open_tun(name, **kw)
-            except TunError:
-                if asyncio.get_running_loop().time() >= deadline:
+                return make()
+            except Exception as e:
+                if not held(e) or asyncio.get_running_loop().time() >= deadline:
                     raise
                 await asyncio.sleep(0.05)
 
+    async def _open_tun(self, name: str, **kw: bool) -> tuple[int, str]:
+        return await self._while_released(
+            lambda: open_tun(name, **kw), lambda e: isinstance(e, TunError)
+        )
+
     async def _bind_udp(self, *, reuseport: bool) -> socket.socket:
-        """bind_udp; like _open_tun, retry while systemd may still hold the previous run's
-        socket (right after we released it), as long as the address is in use."""
-        deadline = asyncio.get_running_loop().time() + (2.0 if self._released else 0.0)
-        while True:
-            try:
-                return bind_udp(self.ext.address, self.cfg.port, reuseport=reuseport)
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() >= deadline:
-                    raise
-                await asyncio.sleep(0.05)
+        return await self._while_released(
+            lambda: bind_udp(self.ext.address, self.cfg.port, reuseport=reuseport),
+            lambda e: isinstance(e, OSError) and e.errno == errno.EADDRINUSE,
+        )
 
     async def _open_dataplane(self) -> None:
         """The TUN queues and UDP sockets (once: a new lease keeps them), handed to systemd's
