@@ -3,22 +3,21 @@ datagram socket standing in for systemd's notify socket."""
 
 from __future__ import annotations
 
-import array
 import errno
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flanneld_py import systemd
 from flanneld_py.handover import Handover
+from tests.unit.conftest import nothing_more
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,46 +63,12 @@ def same_file(a: int, b: int) -> bool:
     return (sa.st_ino, sa.st_dev) == (sb.st_ino, sb.st_dev)
 
 
-@pytest.fixture
-def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
-    """A bound datagram socket standing in for systemd; NOTIFY_SOCKET points at it."""
-    path = tmp_path / "notify"
-    short_dir = None
-    if len(str(path)) > 100:  # sun_path is 108 bytes
-        short_dir = tempfile.mkdtemp(prefix="sdn")
-        path = Path(short_dir) / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(2)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-    try:
-        yield sock
-    finally:
-        sock.close()
-        if short_dir is not None:
-            shutil.rmtree(short_dir, ignore_errors=True)
-
-
 def receive(sock: socket.socket, max_fds: int = 8) -> tuple[bytes, list[int]]:
     """One notify datagram and the descriptors passed with it (SCM_RIGHTS); the caller closes
     the descriptors."""
-    item = array.array("i").itemsize
-    msg, ancdata, flags, _ = sock.recvmsg(4096, socket.CMSG_LEN(max_fds * item))
-    got: list[int] = []
-    for level, kind, data in ancdata:
-        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
-        arr = array.array("i")
-        arr.frombytes(data[: len(data) - (len(data) % item)])
-        got += list(arr)
+    msg, got, flags, _ = socket.recv_fds(sock, 4096, max_fds)
     assert not flags & socket.MSG_CTRUNC, "descriptors were truncated"
     return msg, got
-
-
-def nothing_more(sock: socket.socket) -> None:
-    sock.settimeout(0.1)
-    with pytest.raises(TimeoutError):
-        sock.recv(4096)
-    sock.settimeout(2)
 
 
 # --- take / names / release_unclaimed ----------------------------------------------------------
@@ -355,6 +320,22 @@ print(json.dumps(out))
 """
 
 
+def run_child(script: str, env: dict[str, str] | None = None) -> Any:
+    """Run CHILD through ``sh -c script`` (which sets up the descriptors and execs python);
+    returns what it printed."""
+    res = subprocess.run(
+        ["sh", "-c", script, sys.executable, CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 def test_from_systemd_in_a_child_that_systemd_would_start(tmp_path: Path) -> None:
     """fds 3, 4, 5, 6 as systemd passes them (LISTEN_PID = the child's own PID: sh execs
     python): two share a name, one has an empty name ("unknown"), NOTIFY_SOCKET set."""
@@ -365,16 +346,7 @@ def test_from_systemd_in_a_child_that_systemd_would_start(tmp_path: Path) -> Non
         f'LISTEN_FDNAMES=udp-tun:udp-tun:udp-sock: exec "$0" -c "$1" '
         f'3<"{tmp_path}/one" 4<"{tmp_path}/two" 5<"{tmp_path}/three" 6<"{tmp_path}/four"'
     )
-    res = subprocess.run(
-        ["sh", "-c", script, sys.executable, CHILD],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-    )
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    out = run_child(script)
     assert out == {
         "names": ["udp-sock", "udp-tun", "unknown"],
         "store": True,
@@ -393,18 +365,7 @@ def test_from_systemd_in_a_child_skips_a_descriptor_that_is_not_open(tmp_path: P
         f'LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=udp-tun:udp-sock exec "$0" -c "$1" '
         f'3<"{tmp_path}/one" 4<&-'
     )
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-    res = subprocess.run(
-        ["sh", "-c", script, sys.executable, CHILD],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
-        check=False,
-    )
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    out = run_child(script, env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
     assert out["names"] == ["udp-tun"] and out["store"] is False
     assert out["udp-tun"] == [[3, "one", True]]
     assert out["env"] == []
