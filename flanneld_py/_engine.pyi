@@ -18,6 +18,8 @@ COUNTERS: Final[tuple[str, ...]]
 OFFLOAD_COUNTERS: Final[tuple[str, ...]]
 #: Most packets per UDP GSO send and per coalesced TUN write.
 MAX_SEGMENTS: Final[int]
+#: Routes with per-peer counters (``Engine.peer_stats()``); routes beyond are not counted per peer.
+PEER_SLOTS: Final[int]
 #: Bytes of the virtio_net_hdr in front of every TUN read/write when ``vnet_hdr``.
 VNET_HDR_LEN: Final[int]
 #: The ICMP error token bucket's defaults: the kernel's ``net.ipv4.icmp_msgs_burst`` (50) and
@@ -62,6 +64,10 @@ class Engine:
         0: no refill). Without a token an ICMP error is not sent (``icmp_ratelimited``)."""
     def stats(self) -> dict[str, int]: ...
     def offloads(self) -> dict[str, int]: ...
+    def peer_stats(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """One ``(net, prefixlen, peer, tx_packets, tx_bytes, rx_packets, rx_bytes)`` per route,
+        counted since the route was set or its peer changed: sent = messages the kernel took,
+        received = datagrams from that peer that passed every check."""
     def alive(self) -> bool: ...
     def error(self) -> str | None: ...
 

@@ -30,6 +30,7 @@ from flanneld_py.engine_types import (
     DIAGNOSTIC_COUNTERS,
     KINDS,
     OFFLOAD_MODES,
+    PEER_COUNTERS,
     EngineConfig,
 )
 from flanneld_py.pyengine import PyEngine
@@ -46,6 +47,7 @@ __all__ = [
     "DIAGNOSTIC_COUNTERS",
     "KINDS",
     "OFFLOAD_MODES",
+    "PEER_COUNTERS",
     "CEngine",
     "Engine",
     "EngineConfig",
@@ -98,6 +100,9 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters (``COUNTERS``): a cheap snapshot, callable at any time."""
+
+    def peer_stats(self) -> dict[IPv4Network, dict[str, int]]:
+        """Per route: its ``PEER_COUNTERS``, counted since it was set or its peer changed."""
 
     def alive(self) -> bool:
         """Started, not stopped, and not failed."""
@@ -178,6 +183,12 @@ class CEngine:
     def stats(self) -> dict[str, int]:
         return self._engine.stats()
 
+    def peer_stats(self) -> dict[IPv4Network, dict[str, int]]:
+        return {
+            IPv4Network((net, plen)): dict(zip(PEER_COUNTERS, counts, strict=True))
+            for net, plen, _peer, *counts in self._engine.peer_stats()
+        }
+
     def offloads(self) -> dict[str, int]:
         """The C engine's offload state (0/1 as in effect now) and offload counters."""
         return self._engine.offloads()
@@ -251,6 +262,15 @@ class EngineGroup:
     def thread_stats(self) -> list[dict[str, int]]:
         """Each engine's counters, in queue order."""
         return [e.stats() for e in self.engines]
+
+    def peer_stats(self) -> dict[IPv4Network, dict[str, int]]:
+        """Summed over the engines (each thread counts the flows steered to it)."""
+        out: dict[IPv4Network, dict[str, int]] = {}
+        for e in self.engines:
+            for subnet, counts in e.peer_stats().items():
+                mine = out.get(subnet)
+                out[subnet] = counts if mine is None else sum_counters((mine, counts))
+        return out
 
     def offloads(self) -> dict[str, int]:
         """State flags: on only where on in every engine; counters summed (errnos: the first)."""

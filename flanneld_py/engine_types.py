@@ -14,6 +14,7 @@ __all__ = [
     "DIAGNOSTIC_COUNTERS",
     "KINDS",
     "OFFLOAD_MODES",
+    "PEER_COUNTERS",
     "EngineConfig",
 ]
 
@@ -67,6 +68,11 @@ COUNTERS: tuple[str, ...] = (
     "route_commands",
     "route_errors",
 )
+
+#: Per-peer counters (``peer_stats()``), kept per route from when it was set or its peer
+#: changed: packets and bytes sent to the peer (taken by the kernel) and received from it (those
+#: that passed every check); bytes are inner IP packets, as ``udp_tx_bytes``/``udp_rx_bytes``.
+PEER_COUNTERS: tuple[str, ...] = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
 
 #: Counters whose values depend on how each engine batches and schedules, not on the traffic.
 DIAGNOSTIC_COUNTERS = frozenset(

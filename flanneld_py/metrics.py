@@ -20,10 +20,9 @@ Families (``_total`` = counter; every counter starts at 0 with the process):
 - ``flanneld_backend_info{type}``; udp with its engine running: ``flanneld_engine_info{kind}``,
   ``flanneld_offload_active{offload}``, ``flanneld_{tun,udp}_{rx,tx}_{packets,bytes}_total``,
   ``flanneld_drops_total{reason}`` (every ``drop_*`` engine counter, without the prefix, and
-  ``icmp_ratelimited``), ``flanneld_io_errors_total{op}``, ``flanneld_icmp_sent_total{type}``
-
-The engines keep no per-peer counters (their hot loop counts per reason, not per route), so peers
-are listed by ``flanneld_peer_info`` only.
+  ``icmp_ratelimited``), ``flanneld_io_errors_total{op}``, ``flanneld_icmp_sent_total{type}``,
+  and per route ``flanneld_peer_{tx,rx}_{packets,bytes}_total{subnet,public_ip}`` (counted since
+  the route was set or its peer changed, so a series restarts at 0 when a peer's host changes)
 """
 
 from __future__ import annotations
@@ -232,6 +231,27 @@ class DaemonCollector(Collector):
         yield _labelled(
             "flanneld_icmp_sent", "ICMP errors the engine sent", "type", _ICMP_SENT, counters
         )
+        peers = status.get("peers")
+        if isinstance(peers, dict):
+            yield from _peer_traffic(peers)
+
+
+#: per-peer counter -> (family, help)
+_PEER_TRAFFIC = {
+    "tx_packets": ("flanneld_peer_tx_packets", "Datagrams sent to the peer of this route"),
+    "tx_bytes": ("flanneld_peer_tx_bytes", "Bytes sent to the peer of this route (UDP payload)"),
+    "rx_packets": ("flanneld_peer_rx_packets", "Datagrams accepted from the peer of this route"),
+    "rx_bytes": ("flanneld_peer_rx_bytes", "Bytes accepted from the peer of this route"),
+}
+
+
+def _peer_traffic(peers: Mapping[str, Any]) -> Iterator[Metric]:
+    for key, (name, text) in _PEER_TRAFFIC.items():
+        fam = CounterMetricFamily(name, text, labels=["subnet", "public_ip"])
+        for subnet, row in sorted(peers.items()):
+            if isinstance(row, dict) and isinstance(row.get(key), int):
+                fam.add_metric([subnet, str(row.get("public_ip", ""))], row[key])
+        yield fam
 
 
 class Metrics:

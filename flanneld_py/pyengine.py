@@ -36,7 +36,7 @@ import time
 from collections import deque
 from ipaddress import IPv4Address, IPv4Network
 
-from flanneld_py.engine_types import COUNTERS, DIAGNOSTIC_COUNTERS, EngineConfig
+from flanneld_py.engine_types import COUNTERS, DIAGNOSTIC_COUNTERS, PEER_COUNTERS, EngineConfig
 from flanneld_py.packet import (
     ICMP_DEST_UNREACH,
     ICMP_NET_UNREACH,
@@ -75,6 +75,8 @@ ICMP_MSGS_PER_SEC = 1000  # net.ipv4.icmp_msgs_per_sec
 _NS_PER_SEC = 1_000_000_000
 
 _MSG_TRUNC = socket.MSG_TRUNC
+#: a packet to send: (bytes, (peer address, port), the route's per-peer counters)
+_Out = tuple[bytearray, tuple[str, int], list[int]]
 
 
 def _hung_up(fd: int) -> bool:
@@ -110,12 +112,14 @@ class PyEngine:
         self._mtu = cfg.mtu
         self._table = RouteTable()
         self._c: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        # per route (net, prefixlen): [tx_packets, tx_bytes, rx_packets, rx_bytes] (PEER_COUNTERS)
+        self._peer_c: dict[tuple[int, int], list[int]] = {}
         self._state = "new"  # new -> running -> (failed) -> stopped
         self._error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: socket.socket | None = None
         self._rxbuf = bytearray(BUFFER_SIZE)
-        self._tx_pending: deque[tuple[bytearray, tuple[str, int]]] = deque()
+        self._tx_pending: deque[_Out] = deque()
         self._rx_pending: deque[bytearray] = deque()
         self._addr_cache: dict[int, tuple[str, int]] = {}
         self._ip_cache: dict[str, int] = {}
@@ -172,11 +176,15 @@ class PyEngine:
         self, subnet: IPv4Network, peer: IPv4Address, *, partial_csum: bool = False
     ) -> None:
         # this engine reads a plain TUN: its packets always carry complete checksums
+        key = (int(subnet.network_address), subnet.prefixlen)
+        if self._table.get(*key) != int(peer):  # new, or another host: count anew
+            self._peer_c[key] = [0, 0, 0, 0]
         self._table.set_route(subnet, peer)
         self._c["route_commands"] += 1
 
     def del_route(self, subnet: IPv4Network) -> None:
         self._table.del_route(subnet)
+        self._peer_c.pop((int(subnet.network_address), subnet.prefixlen), None)
         self._c["route_commands"] += 1
 
     def routes(self) -> dict[IPv4Network, IPv4Address]:
@@ -184,6 +192,12 @@ class PyEngine:
 
     def stats(self) -> dict[str, int]:
         return dict(self._c)
+
+    def peer_stats(self) -> dict[IPv4Network, dict[str, int]]:
+        return {
+            IPv4Network(key): dict(zip(PEER_COUNTERS, c, strict=True))
+            for key, c in self._peer_c.items()
+        }
 
     def set_icmp_ratelimit(self, burst: int, per_sec: int) -> None:
         """Before ``start()``: replace the ICMP error token bucket (default ``ICMP_MSGS_BURST``,
@@ -286,10 +300,10 @@ class PyEngine:
             if drained or self._tx_pending or self._state != "running":
                 return
 
-    def _classify_tun(self, batch: list[bytes]) -> list[tuple[bytearray, tuple[str, int]]]:
+    def _classify_tun(self, batch: list[bytes]) -> list[_Out]:
         c = self._c
         table = self._table
-        out: list[tuple[bytearray, tuple[str, int]]] = []
+        out: list[_Out] = []
         for pkt in batch:
             n = len(pkt)
             c["tun_rx_packets"] += 1
@@ -301,8 +315,8 @@ class PyEngine:
             if n < 20 or pkt[0] >> 4 != 4 or ihl < 20 or ihl > n or ((pkt[2] << 8) | pkt[3]) != n:
                 c["drop_tun_malformed"] += 1
                 continue
-            peer = table.peer(int.from_bytes(pkt[16:20], "big"))
-            if peer is None:
+            route = table.lookup(int.from_bytes(pkt[16:20], "big"))
+            if route is None:
                 c["drop_no_route"] += 1
                 self._icmp_to_tun(pkt, ihl, ICMP_DEST_UNREACH, ICMP_NET_UNREACH)
                 continue
@@ -312,17 +326,25 @@ class PyEngine:
                 continue
             buf = bytearray(pkt)
             decrement_ttl(buf)
-            out.append((buf, self._peer_addr(peer)))
+            out.append((buf, self._peer_addr(route[2]), self._route_counters(route)))
         return out
 
-    def _send(self, out: list[tuple[bytearray, tuple[str, int]]]) -> None:
+    def _route_counters(self, route: tuple[int, int, int]) -> list[int]:
+        """The route's per-peer counters (a route set before they existed gets fresh ones)."""
+        key = (route[0], route[1])
+        pc = self._peer_c.get(key)
+        if pc is None:
+            pc = self._peer_c[key] = [0, 0, 0, 0]
+        return pc
+
+    def _send(self, out: list[_Out]) -> None:
         if not out:
             return
         c = self._c
         sock = self._udp
         assert sock is not None
         c["udp_tx_batches"] += 1
-        for i, (pkt, addr) in enumerate(out):
+        for i, (pkt, addr, pc) in enumerate(out):
             try:
                 sent = sock.sendto(pkt, addr)
             except BlockingIOError:
@@ -333,8 +355,10 @@ class PyEngine:
                 continue
             c["udp_tx_packets"] += 1
             c["udp_tx_bytes"] += sent
+            pc[0] += 1
+            pc[1] += sent
 
-    def _stall_tx(self, rest: list[tuple[bytearray, tuple[str, int]]]) -> None:
+    def _stall_tx(self, rest: list[_Out]) -> None:
         assert self._loop is not None
         self._tx_pending.extend(rest)
         self._c["udp_tx_stalls"] += 1
@@ -349,7 +373,7 @@ class PyEngine:
         if pending:
             c["udp_tx_batches"] += 1
         while pending:
-            pkt, addr = pending[0]
+            pkt, addr, pc = pending[0]
             try:
                 sent = sock.sendto(pkt, addr)
             except BlockingIOError:
@@ -359,6 +383,8 @@ class PyEngine:
             else:
                 c["udp_tx_packets"] += 1
                 c["udp_tx_bytes"] += sent
+                pc[0] += 1
+                pc[1] += sent
             pending.popleft()
         self._loop.remove_writer(self._udp_fd)
         if self._state == "running":
@@ -403,7 +429,7 @@ class PyEngine:
 
     def _classify_udp(self, batch: list[tuple[bytearray, int, str]]) -> list[bytearray]:
         c = self._c
-        peer_of = self._table.peer
+        lookup = self._table.lookup
         local_net, local_mask, mtu = self._local_net, self._local_mask, self._mtu
         out: list[bytearray] = []
         for pkt, flags, sender in batch:
@@ -429,11 +455,11 @@ class PyEngine:
             if checksum(pkt[:ihl]):
                 c["drop_udp_bad_checksum"] += 1
                 continue
-            peer = peer_of(int.from_bytes(pkt[12:16], "big"))
-            if peer is None:
+            route = lookup(int.from_bytes(pkt[12:16], "big"))
+            if route is None:
                 c["drop_udp_unknown_src"] += 1
                 continue
-            if peer != self._ip_int(sender):
+            if route[2] != self._ip_int(sender):
                 c["drop_udp_wrong_peer"] += 1
                 continue
             if int.from_bytes(pkt[16:20], "big") & local_mask != local_net:
@@ -446,6 +472,9 @@ class PyEngine:
             decrement_ttl(pkt)
             if n > mtu:
                 c["rx_oversize"] += 1
+            pc = self._route_counters(route)
+            pc[2] += 1
+            pc[3] += n
             out.append(pkt)
         return out
 

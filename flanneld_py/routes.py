@@ -68,6 +68,11 @@ class RouteTable:
                 return addr & mask, plen, peer
         return None
 
+    def get(self, net: int, prefixlen: int) -> int | None:
+        """The peer of exactly ``net/prefixlen`` (host bits ignored), or None."""
+        table = self._by_len.get(prefixlen)
+        return None if table is None else table.get(net & MASKS[prefixlen])
+
     def peer(self, addr: int) -> int | None:
         """Just the peer of :meth:`lookup` (the engine's hot path)."""
         for _plen, mask, table in self._order:

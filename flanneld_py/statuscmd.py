@@ -9,8 +9,8 @@ the ignored peers, the udp engine's traffic counters and its drops by reason (no
 
 Exit status: 0 when the daemon answered, 1 with one line on stderr when it is not running (no
 socket, or nobody listening on it), when the socket cannot be read (not root), or when the answer
-is not what it should be; 2 for bad arguments. The engines count per reason, not per peer, so
-peers are listed without per-peer traffic.
+is not what it should be; 2 for bad arguments. With the udp backend each peer's line also gives
+what was sent to it and received from it (since its route was set).
 """
 
 from __future__ import annotations
@@ -153,16 +153,16 @@ def _backend_line(backend: dict[str, Any] | None) -> str:
     return line
 
 
+def _pair(counters: dict[str, Any], prefix: str) -> str:
+    pkts, nbytes = counters.get(f"{prefix}_packets", 0), counters.get(f"{prefix}_bytes", 0)
+    return f"{pkts} pkts / {size(nbytes)}"
+
+
 def _traffic(engine: dict[str, Any]) -> tuple[str, str]:
     """(sent, received): UDP to/from the peers, and the TUN side of each."""
-
-    def pair(prefix: str) -> str:
-        pkts, nbytes = engine.get(f"{prefix}_packets", 0), engine.get(f"{prefix}_bytes", 0)
-        return f"{pkts} pkts / {size(nbytes)}"
-
     return (
-        f"{pair('udp_tx')} to peers (TUN rx {pair('tun_rx')})",
-        f"{pair('udp_rx')} from peers (TUN tx {pair('tun_tx')})",
+        f"{_pair(engine, 'udp_tx')} to peers (TUN rx {_pair(engine, 'tun_rx')})",
+        f"{_pair(engine, 'udp_rx')} from peers (TUN tx {_pair(engine, 'tun_tx')})",
     )
 
 
@@ -225,6 +225,8 @@ def format_status(doc: dict[str, Any], now: float | None = None) -> str:
         if isinstance(info, dict) and info.get("path"):
             mac = f", {info['vtep_mac']}" if info.get("vtep_mac") else ""
             line += f" ({info['path']}{mac})"
+        elif isinstance(info, dict) and isinstance(info.get("tx_packets"), int):
+            line += f" (sent {_pair(info, 'tx')}, received {_pair(info, 'rx')})"
         out.append(line)
     ignored = _obj(doc, "ignored_peers")
     if ignored:

@@ -23,6 +23,8 @@
  *   - counters: 64-bit words written only by the loop (relaxed atomic stores), read by stats()
  *     (the packet counters, identical to engine_types.COUNTERS) and offloads() (offload state and
  *     offload counters, C only);
+ *   - per-peer counters: one peer_ctr entry per route (below), found by Python without a lock
+ *     (each entry's `seq` says whether its owner is changing; pc_read() in loop.c);
  *   - `exited` + the error fields, written once by the loop when it stops on its own.
  * The route table is the loop's alone while it runs (before start and after the thread is gone,
  * Python applies commands to it directly).
@@ -42,7 +44,7 @@
  *                               (tx_complete) unless the route's peer takes it partial
  *                               (RT_PEER_PARTIAL_CSUM: its lease advertises it)
  *                send_tx():     sendmmsg() of the survivors to <peer PublicIP>:<port>; with UDP
- *                               GSO one message per run of same-peer, same-flow, equal-size
+ *                               GSO one message per run of same-route, same-flow, equal-size
  *                               packets (the last may be shorter, <= MAX_SEGS; build_msgs; one
  *                               flow: the receiver steers a bundle to one thread): the kernel cuts it
  *                               back into one datagram per packet, so the wire format is unchanged
@@ -180,6 +182,25 @@ struct eng_cmd {
 
 enum { ST_NEW, ST_RUNNING, ST_STOPPED };
 
+/* ---- per-peer traffic ------------------------------------------------------------------------- */
+
+/* What one route carried since it was set (or since its peer changed): packets and bytes sent to
+ * its peer (messages the kernel took) and received from it (datagrams that passed every check).
+ * PEER_SLOTS entries, mapped at eng_init (a page is touched only once an entry on it is used).
+ * The loop alone writes them; it changes whom an entry belongs to (net, plen, peer, used) between
+ * two increments of `seq` (odd meanwhile, a seqlock) and zeroes the counters then, so a reader
+ * that sees the same even `seq` before and after its reads has a consistent entry. */
+#define PEER_SLOTS 65536u
+enum { PC_TX_PACKETS, PC_TX_BYTES, PC_RX_PACKETS, PC_RX_BYTES, N_PC };
+typedef struct {
+    uint32_t seq;
+    uint32_t net, peer, plen, used;
+    uint32_t next_free; /* loop only: the next free entry, or RT_NO_PC */
+    uint64_t c[N_PC];
+    uint8_t pad[64 - 6 * 4 - N_PC * 8];
+} peer_ctr;
+_Static_assert(sizeof(peer_ctr) == 64, "one peer_ctr per cache line");
+
 /* ---- packet vectors --------------------------------------------------------------------------- */
 
 /* One packet of a vector: p[0..hlen) then, for a segment cut from a super-packet, pay[0..plen)
@@ -188,6 +209,7 @@ typedef struct {
     uint8_t *p, *pay;
     uint32_t hlen, plen;
     uint32_t addr;     /* tx: the peer's PublicIP; rx: the sender (host order) */
+    uint32_t pc;       /* tx: the route's per-peer counter entry (or RT_NO_PC) */
     uint16_t cs_start; /* tx, partial: the TCP/UDP header's offset in p */
     uint8_t cs_off;    /* tx, partial: the checksum field's offset in that header (16, 6) */
     uint8_t partial;   /* tx: the TCP/UDP checksum holds only the pseudo-header sum */
@@ -275,6 +297,9 @@ typedef struct {
     int error_errno;
     uint64_t ctr[N_CTR];       /* written by the loop (relaxed), read by stats() */
     uint64_t off[N_OFF];       /* written by start() before the thread, then by the loop */
+    peer_ctr *pcs;             /* PEER_SLOTS entries; see "per-peer traffic" */
+    uint32_t pc_hi;            /* atomic: entries [0, pc_hi) have been used (release, by the loop) */
+    uint32_t pc_free;          /* the loop's: the first free entry below pc_hi, or RT_NO_PC */
     /* loop only */
     uint64_t cmd_done;
     rt_table rt;
@@ -308,6 +333,16 @@ static inline uint64_t off_get(Engine *e, int i)
     return __atomic_load_n(&e->off[i], __ATOMIC_RELAXED);
 }
 #define OFF(e, name, v) off_add((e), O_##name, (v))
+
+/* Count packets/bytes on entry pc (PC_TX_PACKETS or PC_RX_PACKETS, then its bytes). */
+static inline void pc_add(Engine *e, uint32_t pc, int which, uint64_t packets, uint64_t bytes)
+{
+    if (pc == RT_NO_PC)
+        return;
+    uint64_t *c = &e->pcs[pc].c[which];
+    __atomic_store_n(&c[0], __atomic_load_n(&c[0], __ATOMIC_RELAXED) + packets, __ATOMIC_RELAXED);
+    __atomic_store_n(&c[1], __atomic_load_n(&c[1], __ATOMIC_RELAXED) + bytes, __ATOMIC_RELAXED);
+}
 #define OFF_ON(e, name) (off_get((e), O_##name) != 0)
 
 /* The loop must stop: the first reason is kept (read by Python once `exited` is set). */

@@ -108,7 +108,7 @@ static void classify_tx(Engine *e, txvec *v)
     for (int i = 0; i < v->npk; i++) {
         pkt *k = &v->pk[i];
         uint8_t *p = k->p;
-        uint32_t n = pkt_len(k), h = k->hlen, peer;
+        uint32_t n = pkt_len(k), h = k->hlen;
         CTR(e, tun_rx_packets, 1);
         CTR(e, tun_rx_bytes, n);
         if (h >= 1 && p[0] >> 4 == 6) {
@@ -120,8 +120,8 @@ static void classify_tx(Engine *e, txvec *v)
             CTR(e, drop_tun_malformed, 1);
             continue;
         }
-        uint8_t rflags = 0;
-        if (!rt_lookup(&e->rt, get32(p + 16), NULL, NULL, &peer, &rflags)) {
+        const rt_slot *route = rt_lookup(&e->rt, get32(p + 16));
+        if (!route) {
             CTR(e, drop_no_route, 1);
             icmp_to_tun(e, p, n, ihl, 3);
             continue;
@@ -133,12 +133,13 @@ static void classify_tx(Engine *e, txvec *v)
         }
         ttl_dec(p);
         if (k->partial) {
-            if (rflags & RT_PEER_PARTIAL_CSUM)
+            if (route->flags & RT_PEER_PARTIAL_CSUM)
                 OFF(e, csum_partial_sent, 1);
             else
                 tx_complete(e, k);
         }
-        k->addr = peer;
+        k->addr = route->peer;
+        k->pc = route->pc;
         v->ready[v->nready++] = i;
     }
 }
@@ -155,6 +156,9 @@ void send_tx(Engine *e)
             CTR(e, udp_tx_batches, 1);
             uint64_t bytes = 0, pkts = 0;
             for (int j = 0; j < r; j++) {
+                /* one message, one route (build_msgs) */
+                pc_add(e, v->pk[v->ready[v->head]].pc, PC_TX_PACKETS, (uint64_t)v->msg_pkts[j],
+                       v->msg[j].msg_len);
                 bytes += v->msg[j].msg_len;
                 pkts += (uint64_t)v->msg_pkts[j];
                 if (v->msg_pkts[j] > 1) {
@@ -238,7 +242,7 @@ static void classify_rx(Engine *e, rxvec *v)
     for (int i = 0; i < v->npk; i++) {
         pkt *k = &v->pk[i];
         uint8_t *p = k->p;
-        uint32_t n = k->hlen, peer, sender = k->addr;
+        uint32_t n = k->hlen, sender = k->addr;
         CTR(e, udp_rx_packets, 1);
         CTR(e, udp_rx_bytes, n);
         if (k->trunc) {
@@ -266,11 +270,12 @@ static void classify_rx(Engine *e, rxvec *v)
             CTR(e, drop_udp_bad_checksum, 1);
             continue;
         }
-        if (!rt_lookup(&e->rt, get32(p + 12), NULL, NULL, &peer, NULL)) {
+        const rt_slot *route = rt_lookup(&e->rt, get32(p + 12));
+        if (!route) {
             CTR(e, drop_udp_unknown_src, 1);
             continue;
         }
-        if (peer != sender) {
+        if (route->peer != sender) {
             CTR(e, drop_udp_wrong_peer, 1);
             continue;
         }
@@ -286,6 +291,7 @@ static void classify_rx(Engine *e, rxvec *v)
         ttl_dec(p);
         if (n > e->mtu)
             CTR(e, rx_oversize, 1);
+        pc_add(e, route->pc, PC_RX_PACKETS, 1, n);
         v->ready[v->nready++] = i;
     }
 }

@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,14 +19,101 @@
 
 /* ---- commands --------------------------------------------------------------------------------- */
 
+/* ---- per-peer counter entries (engine.h: "per-peer traffic") ---------------------------------- */
+
+/* Entry i now belongs to net/plen -> peer (used) or to nobody, its counters zero. */
+static void pc_own(Engine *e, uint32_t i, uint32_t net, unsigned plen, uint32_t peer, int used)
+{
+    peer_ctr *p = &e->pcs[i];
+    uint32_t seq = __atomic_load_n(&p->seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->seq, seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* the odd seq is seen before any change below */
+    __atomic_store_n(&p->net, net, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->plen, (uint32_t)plen, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->peer, peer, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->used, (uint32_t)used, __ATOMIC_RELAXED);
+    for (int k = 0; k < N_PC; k++)
+        __atomic_store_n(&p->c[k], 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->seq, seq + 2, __ATOMIC_RELEASE);
+}
+
+/* A free entry for net/plen -> peer, or RT_NO_PC when all PEER_SLOTS are in use. */
+static uint32_t pc_take(Engine *e, uint32_t net, unsigned plen, uint32_t peer)
+{
+    uint32_t i = e->pc_free;
+    if (i != RT_NO_PC) {
+        e->pc_free = e->pcs[i].next_free;
+    } else {
+        i = e->pc_hi;
+        if (i >= PEER_SLOTS)
+            return RT_NO_PC;
+    }
+    pc_own(e, i, net, plen, peer, 1);
+    if (i == e->pc_hi)
+        __atomic_store_n(&e->pc_hi, i + 1, __ATOMIC_RELEASE);
+    return i;
+}
+
+static void pc_drop(Engine *e, uint32_t i)
+{
+    if (i == RT_NO_PC)
+        return;
+    pc_own(e, i, 0, 0, 0, 0);
+    e->pcs[i].next_free = e->pc_free;
+    e->pc_free = i;
+}
+
+int pc_read(Engine *e, uint32_t i, peer_ctr *out)
+{
+    const peer_ctr *p = &e->pcs[i];
+    for (;;) {
+        uint32_t seq = __atomic_load_n(&p->seq, __ATOMIC_ACQUIRE);
+        if (seq & 1) {
+            sched_yield(); /* the loop is in the middle of pc_own: a few stores */
+            continue;
+        }
+        out->net = __atomic_load_n(&p->net, __ATOMIC_RELAXED);
+        out->plen = __atomic_load_n(&p->plen, __ATOMIC_RELAXED);
+        out->peer = __atomic_load_n(&p->peer, __ATOMIC_RELAXED);
+        out->used = __atomic_load_n(&p->used, __ATOMIC_RELAXED);
+        for (int k = 0; k < N_PC; k++)
+            out->c[k] = __atomic_load_n(&p->c[k], __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the reads above happen before the re-check */
+        if (__atomic_load_n(&p->seq, __ATOMIC_RELAXED) == seq)
+            return (int)out->used;
+    }
+}
+
+uint32_t pc_count(Engine *e) { return __atomic_load_n(&e->pc_hi, __ATOMIC_ACQUIRE); }
+
+/* ---- commands --------------------------------------------------------------------------------- */
+
 int eng_apply_cmd(Engine *e, const struct eng_cmd *c)
 {
-    if (c->op == CMD_SET && rt_insert(&e->rt, c->net, c->plen, c->peer, (uint8_t)c->flags) < 0) {
-        CTR(e, route_errors, 1);
-        return -1;
+    if (c->op == CMD_SET) {
+        uint32_t net = c->net & pfx_mask(c->plen);
+        rt_slot *s = rt_get(&e->rt, net, c->plen);
+        if (s) {
+            if (s->peer != c->peer && s->pc != RT_NO_PC) /* another host: its counts start anew */
+                pc_own(e, s->pc, net, c->plen, c->peer, 1);
+            s->peer = c->peer;
+            s->flags = (uint8_t)c->flags;
+        } else {
+            uint32_t pc = pc_take(e, net, c->plen, c->peer);
+            if (rt_insert(&e->rt, net, c->plen, c->peer, (uint8_t)c->flags, pc) < 0) {
+                pc_drop(e, pc);
+                CTR(e, route_errors, 1);
+                return -1;
+            }
+        }
     }
-    if (c->op == CMD_DEL)
-        rt_remove(&e->rt, c->net, c->plen);
+    if (c->op == CMD_DEL) {
+        rt_slot *s = rt_get(&e->rt, c->net, c->plen);
+        if (s) {
+            pc_drop(e, s->pc);
+            rt_remove(&e->rt, c->net, c->plen);
+        }
+    }
     /* release: a reader that sees this count (stats() loads it first, acquire) also sees every
      * counter of the batches before it, as commands are applied only between batches */
     __atomic_store_n(&e->ctr[C_route_commands], e->ctr[C_route_commands] + 1, __ATOMIC_RELEASE);
@@ -170,6 +258,13 @@ int eng_init(Engine *e, const eng_config *c)
     e->state = ST_NEW;
     if (rt_init(&e->rt) < 0)
         return ENG_NOMEM;
+    e->pc_free = RT_NO_PC;
+    e->pcs = mmap(NULL, PEER_SLOTS * sizeof(peer_ctr), PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (e->pcs == MAP_FAILED) {
+        e->pcs = NULL;
+        return ENG_NOMEM;
+    }
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
         return ENG_OSERR;
@@ -186,6 +281,9 @@ void eng_destroy(Engine *e)
         close(e->cmd_wr);
     e->cmd_rd = e->cmd_wr = -1;
     rt_free(&e->rt);
+    if (e->pcs)
+        munmap(e->pcs, PEER_SLOTS * sizeof(peer_ctr));
+    e->pcs = NULL;
 }
 
 static void free_vectors(Engine *e)

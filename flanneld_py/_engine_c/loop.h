@@ -46,6 +46,11 @@ int eng_apply_cmd(Engine *e, const struct eng_cmd *c);
 /* Before start: replace the ICMP error token bucket (it starts full). */
 void eng_set_icmp_ratelimit(Engine *e, uint32_t burst, uint32_t per_sec);
 
+/* Per-peer counters: entries [0, pc_count()) may be in use; pc_read() copies entry i (consistent:
+ * it retries while the loop changes its owner) and returns whether it belongs to a route. */
+uint32_t pc_count(Engine *e);
+int pc_read(Engine *e, uint32_t i, peer_ctr *out);
+
 /* Whether the loop thread has finished (acquire: its error fields are then complete). */
 int eng_exited(Engine *e);
 /* Snapshots of the packet counters and of the offload state and counters. */

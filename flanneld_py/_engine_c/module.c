@@ -255,6 +255,32 @@ static PyObject *Engine_offloads(EngineObject *o, PyObject *Py_UNUSED(ignored))
     return counter_dict(off_names, snap, N_OFF);
 }
 
+static PyObject *Engine_peer_stats(EngineObject *o, PyObject *Py_UNUSED(ignored))
+{
+    Engine *e = &o->core;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    uint32_t n = pc_count(e);
+    for (uint32_t i = 0; i < n; i++) {
+        peer_ctr p;
+        if (!pc_read(e, i, &p))
+            continue;
+        PyObject *t = Py_BuildValue("(kIkKKKK)", (unsigned long)p.net, (unsigned)p.plen,
+                                    (unsigned long)p.peer, (unsigned long long)p.c[PC_TX_PACKETS],
+                                    (unsigned long long)p.c[PC_TX_BYTES],
+                                    (unsigned long long)p.c[PC_RX_PACKETS],
+                                    (unsigned long long)p.c[PC_RX_BYTES]);
+        if (!t || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static PyObject *Engine_alive(EngineObject *o, PyObject *Py_UNUSED(ignored))
 {
     return PyBool_FromLong(o->core.state == ST_RUNNING && !eng_exited(&o->core));
@@ -286,6 +312,9 @@ static PyMethodDef Engine_methods[] = {
     {"offloads", (PyCFunction)Engine_offloads, METH_NOARGS,
      "Offload state (vnet_hdr, udp_gso, udp_gro, tun_gso: 0/1, as in effect now) and offload "
      "counters, as a dict."},
+    {"peer_stats", (PyCFunction)Engine_peer_stats, METH_NOARGS,
+     "peer_stats() -> [(net, prefixlen, peer, tx_packets, tx_bytes, rx_packets, rx_bytes)]: "
+     "one tuple per route, counted since it was set or its peer changed."},
     {"alive", (PyCFunction)Engine_alive, METH_NOARGS, "Whether the loop thread is running."},
     {"error", (PyCFunction)Engine_error, METH_NOARGS,
      "Why the loop stopped on its own, or None."},
@@ -340,7 +369,7 @@ static PyObject *RouteTable_insert(RouteTableObject *t, PyObject *args)
     if (!PyArg_ParseTuple(args, "O&O&O&:insert", conv_u32, &net, conv_plen, &plen, conv_u32,
                           &peer))
         return NULL;
-    if (rt_insert(&t->rt, net, plen, peer, 0) < 0)
+    if (rt_insert(&t->rt, net, plen, peer, 0, RT_NO_PC) < 0)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -356,13 +385,13 @@ static PyObject *RouteTable_remove(RouteTableObject *t, PyObject *args)
 
 static PyObject *RouteTable_lookup(RouteTableObject *t, PyObject *arg)
 {
-    uint32_t addr, net, peer;
-    unsigned plen;
+    uint32_t addr;
     if (!conv_u32(arg, &addr))
         return NULL;
-    if (!rt_lookup(&t->rt, addr, &net, &plen, &peer, NULL))
+    const rt_slot *s = rt_lookup(&t->rt, addr);
+    if (!s)
         Py_RETURN_NONE;
-    return Py_BuildValue("(kIk)", (unsigned long)net, plen, (unsigned long)peer);
+    return Py_BuildValue("(kIk)", (unsigned long)s->net, (unsigned)s->plen, (unsigned long)s->peer);
 }
 
 static Py_ssize_t RouteTable_len(RouteTableObject *t) { return (Py_ssize_t)t->rt.count; }
@@ -444,6 +473,7 @@ PyMODINIT_FUNC PyInit__engine(void)
     if (PyModule_AddIntConstant(m, "BATCH", BATCH) < 0 ||
         PyModule_AddIntConstant(m, "BUFFER_SIZE", BUFSZ) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SEGMENTS", MAX_SEGS) < 0 ||
+        PyModule_AddIntConstant(m, "PEER_SLOTS", PEER_SLOTS) < 0 ||
         PyModule_AddIntConstant(m, "VNET_HDR_LEN", VNET_LEN) < 0 ||
         PyModule_AddIntConstant(m, "ICMP_MSGS_BURST", ICMP_MSGS_BURST) < 0 ||
         PyModule_AddIntConstant(m, "ICMP_MSGS_PER_SEC", ICMP_MSGS_PER_SEC) < 0)

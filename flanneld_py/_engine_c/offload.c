@@ -205,8 +205,8 @@ int build_msgs(Engine *e, txvec *v)
             while (k + c < v->nready && c < MAX_SEGS) {
                 const pkt *b = &v->pk[v->ready[k + c]];
                 uint32_t l = pkt_len(b);
-                if (b->addr != a->addr || l > size || l == 0 || total + l > GSO_MAX_BYTES ||
-                    !same_flow(a, b))
+                if (b->addr != a->addr || b->pc != a->pc || l > size || l == 0 ||
+                    total + l > GSO_MAX_BYTES || !same_flow(a, b))
                     break;
                 total += l;
                 c++;

@@ -69,18 +69,27 @@ static int rt_grow(rt_table *t)
     return 0;
 }
 
-int rt_insert(rt_table *t, uint32_t net, unsigned plen, uint32_t peer, uint8_t flags)
+rt_slot *rt_get(rt_table *t, uint32_t net, unsigned plen)
+{
+    net &= pfx_mask(plen);
+    int i = rt_find(t, net, plen);
+    return i < 0 ? NULL : &t->slots[i];
+}
+
+int rt_insert(rt_table *t, uint32_t net, unsigned plen, uint32_t peer, uint8_t flags, uint32_t pc)
 {
     net &= pfx_mask(plen);
     int i = rt_find(t, net, plen);
     if (i >= 0) {
         t->slots[i].peer = peer;
         t->slots[i].flags = flags;
+        t->slots[i].pc = pc;
         return 0;
     }
     if ((t->count + 1) * 2 > t->cap && rt_grow(t) < 0)
         return -1;
-    rt_slot s = {.net = net, .peer = peer, .plen = (uint8_t)plen, .used = 1, .flags = flags};
+    rt_slot s = {.net = net, .peer = peer, .pc = pc, .plen = (uint8_t)plen, .used = 1,
+                 .flags = flags};
     rt_place(t->slots, t, s);
     t->count++;
     if (t->per_len[plen]++ == 0)

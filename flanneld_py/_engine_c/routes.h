@@ -7,13 +7,17 @@
 #ifndef FLANNELD_ENGINE_ROUTES_H
 #define FLANNELD_ENGINE_ROUTES_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* What a route's peer can take (rt_slot.flags). */
 #define RT_PEER_PARTIAL_CSUM 1u /* completes partial TCP/UDP checksums (its lease says so) */
+/* rt_slot.pc of a route without a per-peer counter entry */
+#define RT_NO_PC 0xffffffffu
 
 typedef struct {
     uint32_t net, peer;
+    uint32_t pc; /* the engine's per-peer counter entry (engine.h), or RT_NO_PC */
     uint8_t plen, used, flags;
 } rt_slot;
 
@@ -38,16 +42,17 @@ static inline uint32_t rt_home(const rt_table *t, uint32_t net, unsigned plen)
 /* An empty table; -1 when out of memory. */
 int rt_init(rt_table *t);
 void rt_free(rt_table *t);
-/* Add or replace net/plen -> peer with its RT_PEER_* flags (net is masked); -1 when out of
- * memory (table unchanged). */
-int rt_insert(rt_table *t, uint32_t net, unsigned plen, uint32_t peer, uint8_t flags);
+/* Add or replace net/plen -> peer with its RT_PEER_* flags and counter entry pc (net is
+ * masked); -1 when out of memory (table unchanged). */
+int rt_insert(rt_table *t, uint32_t net, unsigned plen, uint32_t peer, uint8_t flags, uint32_t pc);
+/* Exactly net/plen (net is masked), or NULL. Valid until the table next changes. */
+rt_slot *rt_get(rt_table *t, uint32_t net, unsigned plen);
 /* Remove exactly net/plen: 1 if it was there, else 0. */
 int rt_remove(rt_table *t, uint32_t net, unsigned plen);
 #pragma GCC visibility pop
 
-/* The longest match of addr: 1 and *peer (and *net, *plen, *flags unless NULL), else 0. */
-static inline int rt_lookup(const rt_table *t, uint32_t addr, uint32_t *net, unsigned *plen,
-                            uint32_t *peer, uint8_t *flags)
+/* The longest match of addr, or NULL. Valid until the table next changes. */
+static inline const rt_slot *rt_lookup(const rt_table *t, uint32_t addr)
 {
     uint32_t m = t->cap - 1;
     for (int k = 0; k < t->norder; k++) {
@@ -57,19 +62,11 @@ static inline int rt_lookup(const rt_table *t, uint32_t addr, uint32_t *net, uns
             const rt_slot *s = &t->slots[i];
             if (!s->used)
                 break;
-            if (s->net == key && s->plen == l) {
-                if (net)
-                    *net = key;
-                if (plen)
-                    *plen = l;
-                *peer = s->peer;
-                if (flags)
-                    *flags = s->flags;
-                return 1;
-            }
+            if (s->net == key && s->plen == l)
+                return s;
         }
     }
-    return 0;
+    return NULL;
 }
 
 #endif

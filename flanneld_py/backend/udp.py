@@ -67,6 +67,7 @@ __all__ = [
     "PARTIAL_CSUM",
     "UdpBackend",
     "bind_udp",
+    "peer_traffic",
     "takes_partial_csum",
 ]
 
@@ -86,9 +87,27 @@ PARTIAL_CSUM = "partial-csum"
 
 
 def takes_partial_csum(lease: Lease) -> bool:
-    """Whether the lease's host completes partial checksums (its BackendData lists it)."""
-    caps = (lease.backend_data or {}).get(CAPABILITIES)
+    """Whether the lease's host completes partial checksums (its BackendData lists it).
+
+    The key is matched case-insensitively, as Go's decoder matches the lease's other fields (the
+    exact spelling wins if both are there); the capability names in the list are exact."""
+    data = lease.backend_data or {}
+    caps = data.get(CAPABILITIES)
+    if CAPABILITIES not in data:
+        want = CAPABILITIES.lower()
+        caps = next((v for k, v in data.items() if str(k).lower() == want), None)
     return isinstance(caps, list) and PARTIAL_CSUM in caps
+
+
+def peer_traffic(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Per route of ``engine``: ``{"public_ip": …, <PEER_COUNTERS>…}``, keyed by subnet (str). The
+    counters are absent for a route the engine does not count (not applied yet, or beyond the C
+    engine's ``PEER_SLOTS``)."""
+    counts = engine.peer_stats()
+    return {
+        str(subnet): {"public_ip": str(ip), **counts.get(subnet, {})}
+        for subnet, ip in sorted(engine.routes().items())
+    }
 
 
 log = logging.getLogger("flanneld_py.backend.udp")
@@ -453,6 +472,7 @@ class UdpBackend:
         }
         if threads is not None:  # the same counters, per thread
             out["engine"]["threads"] = threads
+        out["peers"] = peer_traffic(self.engine)
         return out
 
     def _close_fds(self) -> None:

@@ -238,6 +238,14 @@ class Bench:
     def stats(self) -> dict[str, int]:
         return self.call(self.engine.stats)
 
+    def peer_stats(self) -> dict[IPv4Network, dict[str, int]]:
+        return self.call(self.engine.peer_stats)
+
+    def settled_peer_stats(self) -> dict[IPv4Network, dict[str, int]]:
+        """Per-peer counters once every batch begun before this call is complete (see below)."""
+        self.settled_stats()
+        return self.peer_stats()
+
     def settled_stats(self) -> dict[str, int]:
         """Counters once every batch the engine began before this call is complete.
 

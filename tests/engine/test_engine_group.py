@@ -158,6 +158,13 @@ def test_flows_spread_over_engines_and_counters_sum(grp: Group) -> None:
     for k in ("udp_rx_packets", "udp_rx_bytes", "tun_tx_packets", "tun_tx_bytes"):
         assert c[k] == sum(t[k] for t in each)
     assert c["udp_rx_packets"] == 3 * flows
+    # the peer's counters: each engine counted its own flows, the group sums them
+    per_engine = [e.peer_stats()[peer_subnet(0)] for e in g.group.engines]
+    assert sum(1 for pe in per_engine if pe["rx_packets"]) >= 2, per_engine
+    assert g.group.peer_stats() == {
+        peer_subnet(0): {"tx_packets": 0, "tx_bytes": 0,
+                         "rx_packets": 3 * flows, "rx_bytes": c["udp_rx_bytes"]}
+    }  # fmt: skip
 
 
 def test_offloads_and_status_of_a_group(grp: Group) -> None:

@@ -237,6 +237,34 @@ def test_thread_counters_add_up_while_traffic_flows(pair: Cluster, tmp_path: Pat
     assert not bad, f"{len(bad)}/{len(docs)} documents do not add up, e.g. {bad[0]}"
 
 
+def test_per_peer_traffic_in_status(pair: Cluster, tmp_path: Path) -> None:
+    """Traffic stopped, each host's one peer carries all of its engine's traffic: the peer's
+    counters (summed over the threads) equal the engine's udp counters, in /status and in
+    ``flanneld-py status``; what one host sent, the other received (the underlay is a veth)."""
+    cl, cs = pair
+    tcp_transfer(cs[0], cs[1], tmp_path, 4 * MiB, "peers")
+    docs = [h.status() for h in cl.hosts]
+    for k, (h, doc) in enumerate(zip(cl.hosts, docs, strict=True)):
+        other = cl.hosts[1 - k]
+        peers = doc["backend"]["peers"]
+        assert list(peers) == [str(other.subnet)], peers
+        mine = peers[str(other.subnet)]
+        engine = doc["backend"]["engine"]
+        drops = sum(v for key, v in engine.items() if key.startswith("drop_udp"))
+        assert mine["public_ip"] == docs[1 - k]["lease"]["public_ip"]
+        assert mine["tx_packets"] == engine["udp_tx_packets"] > 0
+        assert mine["tx_bytes"] == engine["udp_tx_bytes"]
+        assert mine["rx_packets"] == engine["udp_rx_packets"] - drops > 0
+        out = status_cmd(h)
+        assert out.returncode == 0, out.stderr
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith(f"  {other.subnet}"))
+        assert f"(sent {mine['tx_packets']} pkts" in line, line
+    for k in (0, 1):
+        sent = docs[k]["backend"]["peers"][str(cl.hosts[1 - k].subnet)]["tx_bytes"]
+        got = docs[1 - k]["backend"]["peers"][str(cl.hosts[k].subnet)]["rx_bytes"]
+        assert got == sent, (k, sent, got)
+
+
 def test_tcp_20mib_through_two_threads_arrives_exact(pair: Cluster, tmp_path: Path) -> None:
     cl, cs = pair
     for src, dst in ((0, 1), (1, 0)):

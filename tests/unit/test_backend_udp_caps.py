@@ -49,6 +49,10 @@ def lease(sn: str, ip: str, backend_data: dict[str, Any] | None = None) -> Lease
         ({"Capabilities": ["other"]}, False),
         ({"Capabilities": None}, False),
         ({"Capabilities": {"partial-csum": True}}, False),  # an object, not a list
+        ({"capabilities": ["partial-csum"]}, True),  # the key in any case, as Go decodes it
+        ({"CAPABILITIES": ["other", "partial-csum"]}, True),
+        ({"Capabilities": ["Partial-CSUM"]}, False),  # names are exact
+        ({"Capabilities": [], "capabilities": ["partial-csum"]}, False),  # exact spelling wins
     ],
     ids=[
         "none",
@@ -60,6 +64,10 @@ def lease(sn: str, ip: str, backend_data: dict[str, Any] | None = None) -> Lease
         "only-others",
         "null",
         "object",
+        "key-lower-case",
+        "key-upper-case",
+        "name-other-case",
+        "exact-key-wins",
     ],
 )
 def test_takes_partial_csum(backend_data: dict[str, Any] | None, expected: bool) -> None:
@@ -172,6 +180,9 @@ class FakeEngine:
         return dict(self._routes)
 
     def stats(self) -> dict[str, int]:
+        return {}
+
+    def peer_stats(self) -> dict[IPv4Network, dict[str, int]]:
         return {}
 
     def alive(self) -> bool:

@@ -52,6 +52,7 @@ class FakeUdpBackend(FakeBackend):
         super().__init__(rec)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.active = ["tun_tso4", "udp_gso"]
+        self.peers: dict[str, dict[str, Any]] = {}
 
     async def prepare(self) -> LeaseAttrs:
         return LeaseAttrs()
@@ -66,6 +67,7 @@ class FakeUdpBackend(FakeBackend):
             "port": 8285,
             "engine": {"kind": "c", **self.counters},
             "offloads": {"active": list(self.active), "vnet_hdr": True, "counters": {}},
+            "peers": dict(self.peers),
         }
 
 
@@ -227,6 +229,31 @@ def test_udp_engine_counters_and_drops_by_reason_move(tmp_path: Path) -> None:
         s = scrape(d)
         assert value(s, "flanneld_alive") == 0
         assert value(s, "flanneld_ready") == 0
+
+    drive(tmp_path, body, udp=True)
+
+
+def test_per_peer_traffic(tmp_path: Path) -> None:
+    async def body(d: Daemon, backend: FakeUdpBackend, store: MemoryStore) -> None:
+        assert not [k for k in scrape(d) if k[0].startswith("flanneld_peer_tx")]
+        backend.peers = {
+            "10.5.7.0/24": {"public_ip": "10.99.0.12", "tx_packets": 5, "tx_bytes": 420,
+                            "rx_packets": 3, "rx_bytes": 252},
+            "10.5.8.0/24": {"public_ip": "10.99.0.13", "tx_packets": 0, "tx_bytes": 0,
+                            "rx_packets": 1, "rx_bytes": 84},
+            "10.5.9.0/24": {"public_ip": "10.99.0.14"},  # not counted: no series
+        }  # fmt: skip
+        s = scrape(d)
+        one = {"subnet": "10.5.7.0/24", "public_ip": "10.99.0.12"}
+        two = {"subnet": "10.5.8.0/24", "public_ip": "10.99.0.13"}
+        assert value(s, "flanneld_peer_tx_packets_total", **one) == 5
+        assert value(s, "flanneld_peer_tx_bytes_total", **one) == 420
+        assert value(s, "flanneld_peer_rx_packets_total", **one) == 3
+        assert value(s, "flanneld_peer_rx_bytes_total", **one) == 252
+        assert value(s, "flanneld_peer_tx_packets_total", **two) == 0
+        assert value(s, "flanneld_peer_rx_bytes_total", **two) == 84
+        series = {dict(k[1])["subnet"] for k in s if k[0] == "flanneld_peer_rx_packets_total"}
+        assert series == {"10.5.7.0/24", "10.5.8.0/24"}
 
     drive(tmp_path, body, udp=True)
 

@@ -206,6 +206,29 @@ def test_format_status_of_a_starting_daemon() -> None:
     ]
 
 
+def test_format_status_gives_each_udp_peer_its_traffic() -> None:
+    doc = {
+        "version": "0.1.0",
+        "lease": None,
+        "peers": {"10.5.7.0/24": "10.99.0.12", "10.5.8.0/24": "10.99.0.13"},
+        "backend": {
+            "type": "udp",
+            "device": "flannel0",
+            "peers": {
+                "10.5.7.0/24": {"public_ip": "10.99.0.12", "tx_packets": 5, "tx_bytes": 3072,
+                                "rx_packets": 2, "rx_bytes": 100},
+                "10.5.8.0/24": {"public_ip": "10.99.0.13"},  # not counted
+            },
+        },
+    }  # fmt: skip
+    lines = statuscmd.format_status(doc).splitlines()
+    assert (
+        "  10.5.7.0/24        via 10.99.0.12 (sent 5 pkts / 3.0 KiB, received 2 pkts / 100 B)"
+        in lines
+    )
+    assert "  10.5.8.0/24        via 10.99.0.13" in lines
+
+
 def test_durations() -> None:
     d = statuscmd.duration
     assert [d(0), d(59.6), d(61), d(3600), d(86399), d(90000)] == [
