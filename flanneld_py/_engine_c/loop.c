@@ -1,6 +1,7 @@
 /*
  * loop.c -- the engine's life (loop.h): construction, start, the poll loop of the engine thread,
- * the command socketpair between Python and that thread, counter snapshots, stop.
+ * the command socketpair between Python and that thread, counter snapshots (per-peer entries
+ * included), stop.
  */
 #define _GNU_SOURCE 1
 
@@ -16,8 +17,6 @@
 #include <unistd.h>
 
 #include "forward.h"
-
-/* ---- commands --------------------------------------------------------------------------------- */
 
 /* ---- per-peer counter entries (engine.h: "per-peer traffic") ---------------------------------- */
 
