@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -165,7 +166,10 @@ def test_status_command_shows_the_lease_and_the_peer(cluster: Cluster) -> None:
     assert f"etcd       {cl.etcd.endpoint} (v3), watch live" in lines
     assert "alive      ok" in lines and "ready      ok" in lines
     assert "peers      1" in lines
-    assert f"  {peer.subnet!s:<18} via {peer_ip}" in lines
+    # the peer's line, with what went to it and came from it (the ping: at least one each way)
+    (mine,) = [ln for ln in lines if ln.startswith(f"  {peer.subnet!s:<18} via {peer_ip} (sent ")]
+    m = re.fullmatch(r".* \(sent (\d+) pkts / .*, received (\d+) pkts / .*\)", mine)
+    assert m and int(m[1]) >= 1 and int(m[2]) >= 1, mine
     assert any(line.startswith("sent       ") for line in lines)
     assert any(line.startswith("drops      ") for line in lines)
 
