@@ -20,9 +20,15 @@
 
 /* ---- per-peer counter entries (engine.h: "per-peer traffic") ---------------------------------- */
 
-/* Entry i now belongs to net/plen -> peer (used) or to nobody, its counters zero. */
+/* Entry i now belongs to net/plen -> peer (used) or to nobody, its counters zero. Packets still
+ * waiting in a stalled send vector go to the address they were routed to, but no longer count
+ * on this entry. */
 static void pc_own(Engine *e, uint32_t i, uint32_t net, unsigned plen, uint32_t peer, int used)
 {
+    txvec *v = e->tx;
+    for (int k = v ? v->head : 0; v && k < v->nready; k++)
+        if (v->pk[v->ready[k]].pc == i)
+            v->pk[v->ready[k]].pc = RT_NO_PC;
     peer_ctr *p = &e->pcs[i];
     uint32_t seq = __atomic_load_n(&p->seq, __ATOMIC_RELAXED);
     __atomic_store_n(&p->seq, seq + 1, __ATOMIC_RELAXED);
