@@ -283,15 +283,15 @@ def _connection_failure(details: str, ep: _Endpoint) -> _Failure:
         s in low for s in ("wrong_version_number", "wrong version number", "record layer failure")
     )
     closed = "handshake read failed (socket closed)" in low
+    if ep.url.startswith("https://"):
+        hint = "is it a plain http endpoint? use http://"
+    else:  # TLS on an http:// URL because client certificates are given (as flannel)
+        hint = (
+            "TLS is used because --etcd-certfile and --etcd-keyfile are given; "
+            "for a plain http etcd leave them out"
+        )
     if ep.tls and (answered_plain or closed):
         what = "answered without TLS" if answered_plain else "closed the connection"
-        if ep.url.startswith("https://"):
-            hint = "is it a plain http endpoint? use http://"
-        else:  # TLS on an http:// URL because client certificates are given (as flannel)
-            hint = (
-                "TLS is used because --etcd-certfile and --etcd-keyfile are given; "
-                "for a plain http etcd leave them out"
-            )
         return _Failure(
             _CONFIG, f"TLS handshake with etcd at {ep.url} failed: the server {what}; {hint}"
         )
@@ -302,6 +302,10 @@ def _connection_failure(details: str, ep: _Endpoint) -> _Failure:
             reason = m.group(1).lower().replace("_", " ")
         elif inner:  # the connection broke during the handshake
             short = _os_reason(inner.group(1))
+            if short == "connection reset" and ep.tls:
+                # etcd on plain http may reset rather than close (unread ClientHello bytes): say
+                # so, but stay retryable, as a reset can also be the network's
+                return _Failure(_CONNECT, f"connection reset during the TLS handshake ({hint})")
             if short:
                 return _Failure(_CONNECT, f"{short} during the TLS handshake")
             reason = _grpc_reason(inner.group(1))

@@ -95,7 +95,8 @@ CASES = [
     pytest.param(
         U, LAST + "UNAVAILABLE: ipv4:127.0.0.1:46487: Handshake read failed "
         "(recvmsg:Connection reset by peer (104))", HTTPS, "connect",
-        "connection reset during the TLS handshake", id="reset-during-tls-handshake",
+        "connection reset during the TLS handshake (is it a plain http endpoint? use http://)",
+        id="reset-during-tls-handshake",
     ),
     pytest.param(
         U, LAST + "UNAVAILABLE: ipv4:127.0.0.1:45171: Socket closed", HTTP, "connect",
@@ -193,7 +194,9 @@ def test_plain_http_hint_only_when_the_server_did_not_speak_tls() -> None:
     for p in CASES:
         _, details, url, _, text = p.values
         plausible = url == HTTPS and (
-            "WRONG_VERSION_NUMBER" in details or "Handshake read failed (Socket closed)" in details
+            "WRONG_VERSION_NUMBER" in details
+            or "Handshake read failed (Socket closed)" in details
+            or "Handshake read failed (recvmsg:Connection reset" in details
         )
         assert ("use http://" in text) == plausible, (p.id, text)
 
