@@ -1,15 +1,21 @@
-"""Fixtures shared by the unit tests of systemd.py and handover.py: a stand-in for systemd's
-notify socket."""
+"""Helpers shared by the unit tests of systemd.py and handover.py: a stand-in for systemd's
+notify socket, and a Python child started the way systemd would start the daemon."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -38,3 +44,20 @@ def nothing_more(sock: socket.socket) -> None:
     with pytest.raises(TimeoutError):
         sock.recv(4096)
     sock.settimeout(2)
+
+
+def python_under_sh(script: str, code: str, env: dict[str, str] | None = None) -> Any:
+    """Run ``sh -c script`` with ``$0`` = this Python and ``$1`` = ``code``: the script sets up
+    the descriptors and variables and execs ``"$0" -c "$1"``, so ``$$`` there is the child's
+    own PID (as LISTEN_PID is under systemd). Returns the JSON the child printed."""
+    res = subprocess.run(
+        ["sh", "-c", script, sys.executable, code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)

@@ -4,11 +4,8 @@ datagram socket standing in for systemd's notify socket."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,7 @@ import pytest
 
 from flanneld_py import systemd
 from flanneld_py.handover import Handover
-from tests.unit.conftest import nothing_more
+from tests.unit.conftest import nothing_more, python_under_sh
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -321,19 +318,8 @@ print(json.dumps(out))
 
 
 def run_child(script: str, env: dict[str, str] | None = None) -> Any:
-    """Run CHILD through ``sh -c script`` (which sets up the descriptors and execs python);
-    returns what it printed."""
-    res = subprocess.run(
-        ["sh", "-c", script, sys.executable, CHILD],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
-        check=False,
-    )
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+    """CHILD through ``sh -c script`` (which sets up the descriptors and execs python)."""
+    return python_under_sh(script, CHILD, env)
 
 
 def test_from_systemd_in_a_child_that_systemd_would_start(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flanneld_py import systemd
-from tests.unit.conftest import nothing_more
+from tests.unit.conftest import nothing_more, python_under_sh
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "flanneld-py.service"
@@ -260,15 +259,7 @@ def test_listen_fds_in_a_child_that_systemd_would_start(tmp_path: Path) -> None:
         f'LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=a:b exec "$0" -c "$1" '
         f'3<"{tmp_path}/one" 4<"{tmp_path}/two"'
     )
-    res = subprocess.run(
-        ["sh", "-c", script, sys.executable, code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=True,
-    )
-    out = json.loads(res.stdout)
+    out = python_under_sh(script, code)
     assert out == {"fds": {"a": [3], "b": [4]}, "cloexec": [True, True],
                    "content": ["1", "2"], "env": []}  # fmt: skip
     # the variables were meant for another process: nothing, but they are removed
