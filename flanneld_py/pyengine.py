@@ -112,7 +112,8 @@ class PyEngine:
         self._mtu = cfg.mtu
         self._table = RouteTable()
         self._c: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        # per route (net, prefixlen): [tx_packets, tx_bytes, rx_packets, rx_bytes] (PEER_COUNTERS)
+        # per route (net, prefixlen): [tx_packets, tx_bytes, rx_packets, rx_bytes] (PEER_COUNTERS);
+        # set_route/del_route keep one entry for every route in the table
         self._peer_c: dict[tuple[int, int], list[int]] = {}
         self._state = "new"  # new -> running -> (failed) -> stopped
         self._error: str | None = None
@@ -326,16 +327,8 @@ class PyEngine:
                 continue
             buf = bytearray(pkt)
             decrement_ttl(buf)
-            out.append((buf, self._peer_addr(route[2]), self._route_counters(route)))
+            out.append((buf, self._peer_addr(route[2]), self._peer_c[route[0], route[1]]))
         return out
-
-    def _route_counters(self, route: tuple[int, int, int]) -> list[int]:
-        """The route's per-peer counters (a route set before they existed gets fresh ones)."""
-        key = (route[0], route[1])
-        pc = self._peer_c.get(key)
-        if pc is None:
-            pc = self._peer_c[key] = [0, 0, 0, 0]
-        return pc
 
     def _send(self, out: list[_Out]) -> None:
         if not out:
@@ -472,7 +465,7 @@ class PyEngine:
             decrement_ttl(pkt)
             if n > mtu:
                 c["rx_oversize"] += 1
-            pc = self._route_counters(route)
+            pc = self._peer_c[route[0], route[1]]
             pc[2] += 1
             pc[3] += n
             out.append(pkt)
