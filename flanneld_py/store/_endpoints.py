@@ -7,9 +7,10 @@ from urllib.parse import urlsplit
 
 from flanneld_py.store._base import StoreUnavailable
 
-__all__ = ["HINT_DOWN", "Endpoint", "parse_endpoint", "unavailable"]
+__all__ = ["HINT_DOWN", "HINT_TLS", "Endpoint", "parse_endpoint", "unavailable"]
 
 HINT_DOWN = "check --etcd-endpoints and that etcd is running"
+HINT_TLS = "check --etcd-cafile, --etcd-certfile and --etcd-keyfile"
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,17 @@ class Endpoint:
     def target(self) -> str:
         """``host:port`` (``[v6]:port``), as gRPC takes it."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def plain_http_hint(self) -> str:
+        """What to change when this TLS endpoint turns out to be a plain http etcd."""
+        if self.url.startswith("https://"):
+            return "is it a plain http endpoint? use http://"
+        # TLS on an http:// URL because client certificates are given (as flannel)
+        return (
+            "TLS is used because --etcd-certfile and --etcd-keyfile are given; "
+            "for a plain http etcd leave them out"
+        )
 
     @property
     def base(self) -> str:

@@ -51,6 +51,7 @@ from flanneld_py.store._base import (
     WatchEvent,
 )
 from flanneld_py.store._endpoints import HINT_DOWN as _HINT_DOWN
+from flanneld_py.store._endpoints import HINT_TLS as _HINT_TLS
 from flanneld_py.store._endpoints import Endpoint as _Endpoint
 from flanneld_py.store._endpoints import parse_endpoint as _parse_endpoint
 from flanneld_py.store._endpoints import unavailable as _unavailable
@@ -63,7 +64,6 @@ T = TypeVar("T")
 #: grpc failures that are not a status from the server (AioRpcError is handled apart)
 _GRPC_MISC_ERRORS = (grpc.RpcError, grpc.aio.BaseError, asyncio.InvalidStateError)
 
-_HINT_TLS = "check --etcd-cafile, --etcd-certfile and --etcd-keyfile"
 
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 6000),
@@ -283,17 +283,11 @@ def _connection_failure(details: str, ep: _Endpoint) -> _Failure:
         s in low for s in ("wrong_version_number", "wrong version number", "record layer failure")
     )
     closed = "handshake read failed (socket closed)" in low
-    if ep.url.startswith("https://"):
-        hint = "is it a plain http endpoint? use http://"
-    else:  # TLS on an http:// URL because client certificates are given (as flannel)
-        hint = (
-            "TLS is used because --etcd-certfile and --etcd-keyfile are given; "
-            "for a plain http etcd leave them out"
-        )
     if ep.tls and (answered_plain or closed):
         what = "answered without TLS" if answered_plain else "closed the connection"
         return _Failure(
-            _CONFIG, f"TLS handshake with etcd at {ep.url} failed: the server {what}; {hint}"
+            _CONFIG,
+            f"TLS handshake with etcd at {ep.url} failed: the server {what}; {ep.plain_http_hint}",
         )
     if "handshake" in low or "tls" in low or "ssl" in low:
         m = re.search(r"OPENSSL_internal:([A-Z0-9_]+)", details)
@@ -305,7 +299,9 @@ def _connection_failure(details: str, ep: _Endpoint) -> _Failure:
             if short == "connection reset" and ep.tls:
                 # etcd on plain http may reset rather than close (unread ClientHello bytes): say
                 # so, but stay retryable, as a reset can also be the network's
-                return _Failure(_CONNECT, f"connection reset during the TLS handshake ({hint})")
+                return _Failure(
+                    _CONNECT, f"connection reset during the TLS handshake ({ep.plain_http_hint})"
+                )
             if short:
                 return _Failure(_CONNECT, f"{short} during the TLS handshake")
             reason = _grpc_reason(inner.group(1))

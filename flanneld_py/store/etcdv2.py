@@ -74,6 +74,7 @@ from flanneld_py.store._base import (
     WatchEvent,
 )
 from flanneld_py.store._endpoints import HINT_DOWN as _HINT_DOWN
+from flanneld_py.store._endpoints import HINT_TLS as _HINT_TLS
 from flanneld_py.store._endpoints import Endpoint as _Endpoint
 from flanneld_py.store._endpoints import parse_endpoint as _parse_endpoint
 from flanneld_py.store._endpoints import unavailable as _unavailable
@@ -92,7 +93,6 @@ __all__ = [
 #: events etcd's v2 store remembers (a watch from an older index gets errorCode 401)
 V2_HISTORY: Final = 1000
 
-_HINT_TLS = "check --etcd-cafile, --etcd-certfile and --etcd-keyfile"
 _NOT_SERVED = (
     "does not serve the v2 API (etcd 3.4 needs --enable-v2=true; 3.6 has no v2): "
     "use --etcd-api=v3, or enable v2"
@@ -217,16 +217,9 @@ def _tls_failure(err: ssl.SSLError, ep: _Endpoint) -> _Failure:
     closed = "unexpected_eof" in low or "unexpected eof" in low  # etcd on plain http hangs up
     if plain or closed:
         what = "answered without TLS" if plain else "closed the connection"
-        if ep.url.startswith("https://"):
-            hint = "is it a plain http endpoint? use http://"
-        else:
-            hint = (
-                "TLS is used because --etcd-certfile and --etcd-keyfile are given; "
-                "for a plain http etcd leave them out"
-            )
         return _Failure(
             _CONFIG,
-            f"TLS handshake with etcd at {ep.url} failed: the server {what}; {hint}",
+            f"TLS handshake with etcd at {ep.url} failed: the server {what}; {ep.plain_http_hint}",
         )
     if "certificate required" in low or "bad certificate" in low or "unknown ca" in low:
         return _Failure(
